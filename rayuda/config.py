@@ -1,0 +1,197 @@
+"""Run configuration: one nested dict of plain data, strict about its keys.
+
+A run's config is the base defaults below, the method's own knobs (``params``, the paper's values),
+then a YAML file, then ``key=value`` overrides with dotted keys. Unknown keys are errors that list the
+valid ones, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that rayuda cannot accept."""
+
+
+BASE_DEFAULTS: dict[str, Any] = {
+    "method": None,
+    "seed": 0,
+    "source": "minicity",
+    "target": "minicity",
+    "protocol": 19,
+    "data": {
+        "batch_size": 8,
+        "size": None,  # [H, W] to resize to before cropping; null keeps the file's size
+        "crop": None,  # [H, W] random crop for training; null = whole image
+        "flip": True,
+        "jitter": 0.0,
+        "holdout": None,  # use only the first N labelled target images for selection
+        "num_workers": 0,
+    },
+    "model": {
+        "backbone": "resnet18",
+        "layers": 3,
+        "multi_level": False,
+        "freeze_bn": False,
+        "init": "random",
+    },
+    "optim": {
+        "lr": 2.5e-4,
+        "momentum": 0.9,
+        "weight_decay": 5.0e-4,
+        "lr_d": 1.0e-4,
+        "betas": [0.9, 0.99],
+        "power": 0.9,
+    },
+    "train": {
+        "iters": 400,
+        "eval_every": 100,
+        "log_every": 50,
+        "device": "auto",
+        "amp": False,
+        "metric": "miou",
+        "num_masks": 4,
+    },
+    # The cached source-only stage every adaptation starts from (null: start from model.init).
+    "warm_start": {"iters": 600, "lr": 0.01},
+    "params": {},
+}
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    from rayuda.methods import get_method
+
+    return copy.deepcopy(get_method(method).defaults)
+
+
+def default_config(method: str) -> dict[str, Any]:
+    """The full default config of ``method``: base defaults plus the method's paper knobs."""
+    cfg = copy.deepcopy(BASE_DEFAULTS)
+    cfg["method"] = method
+    cfg["params"] = _method_defaults(method)
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value the way YAML would (``1e-3`` → float, ``null`` → None)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            return value
+    return value
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → ``{"a.b": 1, "c": "x"}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → dotted keys (leaves only)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def valid_keys(method: str) -> list[str]:
+    """Every dotted key a config of ``method`` accepts."""
+    return sorted(flatten(default_config(method)))
+
+
+def set_key(cfg: dict[str, Any], dotted: str, value: Any, *, source: str = "override") -> None:
+    """Set ``cfg[a][b] = value`` for ``dotted = "a.b"``, refusing keys the config does not have."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if not isinstance(node, dict) or part not in node:
+            valid = ", ".join(valid_keys(cfg["method"]))
+            raise ConfigError(f"unknown config key {dotted!r} (from {source}); valid keys: {valid}")
+        if last:
+            node[part] = _coerce(dotted, node[part], value, source)
+        elif node[part] is None and parts[0] == "warm_start":
+            node[part] = copy.deepcopy(BASE_DEFAULTS["warm_start"])
+            node = node[part]
+        else:
+            node = node[part]
+
+
+def _coerce(key: str, default: Any, value: Any, source: str) -> Any:
+    """Check ``value`` against the type of the default it replaces."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    elif isinstance(default, list | dict) and isinstance(value, type(default)):
+        return value
+    raise ConfigError(
+        f"config key {key!r} (from {source}) expects {type(default).__name__}, got {value!r}"
+    )
+
+
+def merge(cfg: dict[str, Any], overrides: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Apply a nested or dotted override dict onto ``cfg`` (validated key by key)."""
+    for key, value in flatten(overrides).items():
+        set_key(cfg, key, value, source=source)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    method: str,
+    overrides: dict[str, Any] | None = None,
+    config_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Defaults of ``method`` ← ``config_file`` ← dotted ``overrides``; validated."""
+    cfg = default_config(method)
+    if config_file is not None:
+        data = load_yaml(config_file)
+        file_method = data.pop("method", method)
+        if file_method != method:
+            raise ConfigError(f"config file {config_file} is for method {file_method!r}, not {method!r}")
+        merge(cfg, data, source=str(config_file))
+    merge(cfg, overrides or {}, source="--set")
+    return cfg
+
+
+def save_config(cfg: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))

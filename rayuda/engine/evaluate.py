@@ -1,0 +1,81 @@
+"""Evaluation on the target holdout: mIoU, per-class IoU, a few coloured masks, the selection score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from rayuda.losses import entropy_map
+from rayuda.metrics import Evaluator
+
+
+def cityscapes_palette(num_classes: int) -> np.ndarray:
+    """RGB colour of each train id (the official Cityscapes colours), black for ignore."""
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for train_id in range(num_classes):
+        palette[train_id] = trainId2label[train_id].color if train_id in trainId2label else (0, 0, 0)
+    return palette
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    num_classes: int,
+    device: torch.device,
+    class_names: list[str],
+    masks_dir: Path | None = None,
+    num_masks: int = 0,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset``: ``miou`` and ``iou/<class>`` (when labelled) and
+    ``target_entropy`` (mean normalised prediction entropy, needs no labels)."""
+    was_training = model.training
+    model.eval()
+    evaluator = Evaluator(num_classes)
+    entropy_sum, pixels, saved = 0.0, 0, 0
+    palette = cityscapes_palette(num_classes) if num_masks else None
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        logits = model(images).logits["main"].float()
+        logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        evaluator.update(logits, labels)
+        ent = entropy_map(torch.softmax(logits, dim=1))
+        entropy_sum += float(ent.sum())
+        pixels += ent.numel()
+        if masks_dir is not None and saved < num_masks:
+            masks_dir.mkdir(parents=True, exist_ok=True)
+            for pred, name in zip(logits.argmax(1).cpu().numpy(), batch["name"], strict=True):
+                if saved >= num_masks:
+                    break
+                Image.fromarray(palette[pred.astype(np.uint8)]).save(masks_dir / f"{Path(name).stem}.png")
+                saved += 1
+    model.train(was_training)
+    metrics: dict[str, float] = {"target_entropy": entropy_sum / max(pixels, 1)}
+    if evaluator.confusion.sum() > 0:
+        metrics["miou"] = float(evaluator.miou())
+        for name, iou in zip(class_names, evaluator.per_class_iou(), strict=True):
+            if not np.isnan(iou):
+                metrics[f"iou/{name}"] = float(iou)
+    return metrics
+
+
+#: Selection metrics: name → (metric key, sign). Higher score is better.
+SELECTION_METRICS = {
+    "miou": ("miou", 1.0),
+    "entropy": ("target_entropy", -1.0),
+}
+
+
+def selection_score(metric: str, metrics: dict[str, float]) -> float:
+    key, sign = SELECTION_METRICS[metric]
+    if key not in metrics:
+        raise ValueError(f"selection metric {metric!r} needs {key!r}, which this evaluation could not compute")
+    return sign * metrics[key]

@@ -1,0 +1,61 @@
+"""Output-space adversarial adaptation, shared by AdaptSegNet, AdvEnt and CRAM's CEA.
+
+They differ only in the map the discriminator sees: the softmax (AdaptSegNet), the weighted
+self-information (AdvEnt), or the confidence-aware entropy (CRAM). One discriminator per output level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayuda.engine.context import ADV_LEVEL_WEIGHT, TrainContext
+from rayuda.losses import bce_adversarial
+from rayuda.methods.base import SOURCE, TARGET, Method, image_size
+from rayuda.models import OutputDiscriminator
+
+
+class OutputSpaceAdversarial(Method):
+    """G fools a per-level output-space discriminator on target maps; D tells source from target.
+
+    Subclasses define :meth:`discriminator_input` (probabilities → map) and :meth:`map_channels`.
+    """
+
+    defaults = {"w_adv": 1.0e-3}
+
+    def map_channels(self, num_classes: int) -> int:
+        return num_classes
+
+    def discriminator_input(self, ctx: TrainContext, prob: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def discriminators(self, ctx):
+        return {lvl: OutputDiscriminator(self.map_channels(ctx.num_classes)) for lvl in ctx.levels}
+
+    def domain_maps(self, ctx, output, size) -> dict[str, torch.Tensor]:
+        return {lvl: self.discriminator_input(ctx, ctx.probs(output, lvl, size)) for lvl in ctx.levels}
+
+    def generator_loss(self, ctx, maps_t: dict) -> torch.Tensor:
+        """``L_adv``: target maps should look like source maps to every (fixed) discriminator."""
+        disc = ctx.discriminators
+        return sum(ADV_LEVEL_WEIGHT[lvl] * bce_adversarial(disc[lvl](maps_t[lvl]), SOURCE) for lvl in ctx.levels)
+
+    def discriminator_loss(self, ctx, maps_s: dict, maps_t: dict) -> torch.Tensor:
+        """``L_D``: tell source maps (label 1) from target maps (label 0); G's maps are detached."""
+        disc = ctx.discriminators
+        return sum(
+            0.5 * bce_adversarial(disc[lvl](maps_s[lvl].detach()), SOURCE)
+            + 0.5 * bce_adversarial(disc[lvl](maps_t[lvl].detach()), TARGET)
+            for lvl in ctx.levels
+        )
+
+    def train_step(self, ctx, source, target):
+        out_s = ctx.forward(source["image"])
+        out_t = ctx.forward(target["image"])
+        size = image_size(target)
+        maps_s, maps_t = self.domain_maps(ctx, out_s, size), self.domain_maps(ctx, out_t, size)
+        loss_seg = ctx.seg_loss(out_s, source["label"])
+        loss_adv = self.generator_loss(ctx, maps_t)
+        ctx.step_generator(loss_seg + ctx.params["w_adv"] * loss_adv)
+        d_loss = self.discriminator_loss(ctx, maps_s, maps_t)
+        ctx.step_discriminators(d_loss)
+        return {"seg": loss_seg.item(), "adv": loss_adv.item(), "d": d_loss.item()}
