@@ -75,9 +75,9 @@ class CRAM(OutputSpaceAdversarial):
 
         if p["sfa"]:
             weights = style_layer_weights(p["style_layers"], p["style_weight"])
-            loss_sty = layered_style_loss(
-                {k: out_s.features[k].float() for k in weights}, {k: out_t.features[k].float() for k in weights}, weights
-            )
+            feats_s = {k: out_s.features[k].float() for k in weights}
+            feats_t = {k: out_t.features[k].float() for k in weights}
+            loss_sty = layered_style_loss(feats_s, feats_t, weights)
             loss_g = loss_g + p["lambda_style"] * loss_sty
             losses["style"] = loss_sty.item()
 
