@@ -1,0 +1,166 @@
+"""The losses of every method, as plain functions of tensors.
+
+Notation (METHODS.md): ``P = softmax(G(x))``, N×C×H×W; ``C`` classes; ignore label 255. Every log of a
+probability is ``log(P + EPS)`` with ``EPS = 1e-30`` (AdvEnt's convention), so ``0·log 0`` is 0 and
+gradients stay finite; probabilities are expected in float32 (1e-30 underflows in float16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-30
+
+
+def _log(prob: torch.Tensor) -> torch.Tensor:
+    return torch.log(prob + EPS)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, antialiased when shrinking) of a map to ``size``."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# --- entropy (ADVENT) -------------------------------------------------------------------------------
+
+
+def weighted_self_information(prob: torch.Tensor) -> torch.Tensor:
+    """AdvEnt's discriminator input, N×C×H×W: ``I_c = −P_c log P_c / log C``; its channel sum is
+    :func:`entropy_map`."""
+    return -prob * _log(prob) / math.log(prob.shape[1])
+
+
+def entropy_map(prob: torch.Tensor) -> torch.Tensor:
+    """Normalised Shannon entropy, N×H×W in [0, 1]: ``E = −(1/log C) Σ_c P_c log P_c`` (ADVENT eq. 2)."""
+    return weighted_self_information(prob).sum(1)
+
+
+def entropy_loss(prob: torch.Tensor) -> torch.Tensor:
+    """MinEnt (ADVENT eq. 3–4; FGDEM eq. 5–6): mean over images and pixels of :func:`entropy_map`."""
+    return entropy_map(prob).mean()
+
+
+# --- CRAM: confidence-aware entropy (eq. 4–6) and style alignment (eq. 10–12) -------------------------
+
+
+def confidence_aware_target(prob: torch.Tensor, detach_target: bool = True) -> torch.Tensor:
+    """CRAM's auxiliary target distribution Q (eq. 5), N×C×H×W.
+
+    ``f_c = Σ_{h,w} P_c`` is the soft frequency of class c in each image (a sum over pixels), and
+    ``Q_c = (P_c² / f_c) / Σ_c' (P_c'² / f_c')`` is normalised over classes at every pixel. Like the
+    target distribution of DEC-style clustering it comes from, Q is a target: detached by default.
+    """
+    if detach_target:
+        prob = prob.detach()
+    freq = prob.sum(dim=(2, 3), keepdim=True).clamp_min(EPS)
+    q = prob.pow(2) / freq
+    return q / q.sum(1, keepdim=True).clamp_min(EPS)
+
+
+def confidence_aware_entropy(
+    prob: torch.Tensor, per_class: bool = True, detach_target: bool = True
+) -> torch.Tensor:
+    """Confidence-aware entropy (CRAM eq. 4/6): ``C(h,w) = −(1/log C) Σ_c Q_c log P_c``, a cross-entropy
+    of P against the sharpened target Q of :func:`confidence_aware_target`.
+
+    ``per_class`` returns the C terms ``−Q_c log P_c / log C`` (N×C×H×W; the discriminator input, a
+    METHODS.md choice mirroring AdvEnt), else their channel sum, the CE map itself (N×1×H×W). The
+    ``1/log C`` factor is the paper's (eq. 4), as in AdvEnt's normalised entropy.
+    """
+    terms = -confidence_aware_target(prob, detach_target) * _log(prob) / math.log(prob.shape[1])
+    return terms if per_class else terms.sum(1, keepdim=True)
+
+
+def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
+    """Style feature (CRAM eq. 10), N×C×C: ``S = V Vᵀ`` with V the C×(H·W) flattened map; unnormalised."""
+    v = feat.flatten(2)
+    return v @ v.transpose(1, 2)
+
+
+def style_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """Style loss of one layer (CRAM eq. 11): ``‖S_S − S_T‖_F² / (4 N² M²)``, N channels, M = H·W.
+
+    (choice) Each domain's Gram matrix is averaged over its batch first, so a batch of source images is
+    compared with a batch of target images. Each is divided by its own M before the difference, i.e. the
+    loss is ``‖S_S/M_S − S_T/M_T‖_F² / (4N²)``: exactly eq. 11 when both domains share the feature size,
+    and still scale-consistent when source and target images differ in size.
+    """
+    channels = feat_s.shape[1]
+    g_s = gram_matrix(feat_s).mean(0) / feat_s[0, 0].numel()
+    g_t = gram_matrix(feat_t).mean(0) / feat_t[0, 0].numel()
+    return (g_s - g_t).pow(2).sum() / (4 * channels**2)
+
+
+def layered_style_loss(
+    feats_s: dict[str, torch.Tensor], feats_t: dict[str, torch.Tensor], weights: dict[str, float]
+) -> torch.Tensor:
+    """Total style loss (CRAM eq. 12): ``Σ_l w_l · L_sty^l`` over the layers named in ``weights``."""
+    return sum(w * style_loss(feats_s[layer], feats_t[layer]) for layer, w in weights.items())
+
+
+# --- adversarial --------------------------------------------------------------------------------------
+
+
+def bce_adversarial(d_logits: torch.Tensor, domain: float) -> torch.Tensor:
+    """Mean BCE-with-logits of discriminator logits against a constant label (1.0 source, 0.0 target)."""
+    return F.binary_cross_entropy_with_logits(d_logits, torch.full_like(d_logits, float(domain)))
+
+
+def domain_encoding(
+    logits: torch.Tensor, temperature: float, clamp: float | None = None, domain: str = "source"
+) -> torch.Tensor:
+    """FGDEM's soft domain label (eq. 2), N×2K×H×W: ``a = softmax(z / T)`` over classes (detached), then
+    ``[a; 0]`` for ``domain="source"`` or ``[0; a]`` for ``"target"``.
+
+    (choice, reference code) ``clamp`` caps each entry of ``a`` at that value (``a = min(a, clamp)``,
+    no renormalisation), as the FADA/FGDEM code does with ``T = 1.8``, ``clamp = 0.9``.
+    """
+    a = torch.softmax(logits.detach().float() / temperature, dim=1)
+    if clamp is not None:
+        a = a.clamp(max=clamp)
+    zeros = torch.zeros_like(a)
+    if domain == "source":
+        return torch.cat([a, zeros], dim=1)
+    if domain == "target":
+        return torch.cat([zeros, a], dim=1)
+    raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+
+
+def soft_label_cross_entropy(d_logits: torch.Tensor, soft_target: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of ``−Σ_k t_k log softmax(d)_k`` (FGDEM eq. 2–4). A target at another
+    resolution is first resized bilinearly to the discriminator output's H×W."""
+    target = _resize(soft_target, d_logits.shape[-2:])
+    return -(target * F.log_softmax(d_logits, dim=1)).sum(1).mean()
+
+
+def fine_grained_d_loss(
+    d_src: torch.Tensor, d_tgt: torch.Tensor, enc_src: torch.Tensor, enc_tgt: torch.Tensor
+) -> torch.Tensor:
+    """Discriminator loss (FGDEM eq. 2; halved as in the reference code):
+    ``½ [CE(D(f_S), [a_S; 0]) + CE(D(f_T), [0; a_T])]``."""
+    return 0.5 * (soft_label_cross_entropy(d_src, enc_src) + soft_label_cross_entropy(d_tgt, enc_tgt))
+
+
+def fine_grained_adv_loss(d_tgt: torch.Tensor, enc_tgt_as_source: torch.Tensor) -> torch.Tensor:
+    """G's adversarial loss (FGDEM eq. 3): ``CE(D(f_T), [a_T; 0])``, target features labelled source."""
+    return soft_label_cross_entropy(d_tgt, enc_tgt_as_source)
+
+
+# --- supervised -----------------------------------------------------------------------------------------
+
+
+def seg_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Pixel-wise cross-entropy over labelled pixels, logits upsampled bilinearly to the label size.
+
+    Mean over labelled pixels; with none it returns a zero that still has a graph, not NaN.
+    """
+    if logits.shape[-2:] != label.shape[-2:]:
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+    label = label.long()
+    total = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum")
+    return total / (label != ignore_index).sum().clamp_min(1)  # no host sync; 0 with a graph if none valid

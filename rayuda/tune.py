@@ -1,0 +1,376 @@
+"""``python -m rayuda.tune METHOD``: search a method's hyperparameters on your target data.
+
+Ray Tune runs the trials (each one is :func:`rayuda.engine.run_pipeline`, exactly what
+``rayuda.train`` runs), Optuna's TPE proposes them from ``search_spaces/<method>.yaml`` (the paper's
+defaults are the first trial), ASHA stops weak trials early on the selection metric, and every trial
+is tracked in MLflow. Trials share a stage cache, so the source-only warm start is trained once.
+
+Examples::
+
+    python -m rayuda.tune cram                                   # small search on minicity, CPU
+    python -m rayuda.tune advent --target folder:/data/mycity --num-samples 32 --gpus-per-trial 0.5
+    python -m rayuda.tune cram --resume                          # continue the latest cram search
+    mlflow ui --backend-store-uri sqlite:///mlflow.db            # browse the trials
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rayuda.config import ConfigError, parse_assignments, resolve_config, save_config, set_key
+from rayuda.data import DatasetError
+from rayuda.engine.evaluate import SELECTION_METRICS
+from rayuda.methods import METHODS
+from rayuda.search import load_space, optuna_space
+
+DEFAULT_STORAGE = "rayuda_results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rayuda.tune", description=__doc__.split("\n")[0])
+    p.add_argument("method", help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--source", help="source dataset SPEC (default minicity)")
+    p.add_argument("--target", help="target dataset SPEC, e.g. folder:PATH (default minicity)")
+    p.add_argument("--config", help="base YAML config the search starts from")
+    p.add_argument("--space", help="search-space YAML (default search_spaces/METHOD.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config key or knob for every trial (repeatable)")
+    p.add_argument("--num-samples", type=int, default=6, help="trials to run (default 6)")
+    p.add_argument("--max-iters", type=int, default=None, help="iterations per trial (default train.iters)")
+    p.add_argument("--grace", type=int, default=None, help="ASHA grace period in iterations (default max/4)")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
+    p.add_argument("--metric", default=None, choices=sorted(SELECTION_METRICS),
+                   help="selection metric: miou on the labelled target holdout, or a label-free proxy")
+    p.add_argument("--holdout", type=int, default=None, help="use N labelled target images for selection")
+    p.add_argument("--seed", type=int, default=None, help="seed of the runs and of the TPE sampler")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help="experiment state and checkpoints: a local or shared path (default ./rayuda_results)")
+    p.add_argument("--name", default=None, help="experiment name (default METHOD-DATE-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the named (or latest) search of METHOD")
+    p.add_argument("--cache-dir", default=None, help="stage cache (default STORAGE/NAME/stage-cache)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///./mlflow.db)")
+    p.add_argument("--best", default="best.yaml", help="where to write the best config (default ./best.yaml)")
+    return p
+
+
+# -- the searcher ------------------------------------------------------------------------------------
+def make_searcher(space_fn, *, metric: str, seed: int, max_iters: int, first: dict, record: Path):
+    """OptunaSearch (seeded TPE) that tells Optuna the truth about trials ASHA stopped early.
+
+    Ray's integration completes every stopped trial with its last score, which TPE then trusts as a
+    full-length result. Here a trial that ended before ``max_iters`` is told as ``PRUNED`` (its
+    intermediate values stay), so TPE treats it as what it is. Every trial's record is also written
+    to ``record`` (JSON) for the trials table and the plots.
+    """
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruningAwareOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            reached = result is not None and int(result.get("iteration", 0)) >= self.max_iters
+            if error or result is None or reached or self.metric not in result:
+                super().on_trial_complete(trial_id, result, error)
+            else:
+                ot_trial = self._ot_trials[trial_id]
+                step = int(result.get("iteration", 0))
+                value = result[self.metric]
+                if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+                    ot_trial.report(value, step)
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+            write_study_record(self._ot_study, self.record)
+
+        def on_trial_result(self, trial_id, result):
+            # report at the engine's iteration (ASHA's time axis), not Ray's report counter
+            if trial_id in self._completed_trials or self.metric not in result:
+                return
+            self._ot_trials[trial_id].report(result[self.metric], int(result.get("iteration", 0)))
+
+    searcher = PruningAwareOptunaSearch(
+        space=space_fn, metric=metric, mode="max", points_to_evaluate=[first] if first else None,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    searcher.max_iters, searcher.record = max_iters, str(record)
+    return searcher
+
+
+def write_study_record(study, path: str | Path) -> None:
+    """Every Optuna trial as JSON: state, value, params, distributions, intermediate values."""
+    from optuna.distributions import distribution_to_json
+
+    rows = [{
+        "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+        "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+    } for t in study.trials]
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
+
+
+def study_from_record(path: str | Path):
+    """Rebuild an in-memory Optuna study from :func:`write_study_record` (for plots)."""
+    import optuna
+    from optuna.distributions import json_to_distribution
+
+    study = optuna.create_study(direction="maximize")
+    for row in json.loads(Path(path).read_text()):
+        state = optuna.trial.TrialState[row["state"]]
+        if state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            continue
+        inter = {int(k): v for k, v in row["intermediate_values"].items()}
+        value = row["value"] if state == optuna.trial.TrialState.COMPLETE else None
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params=row["params"], intermediate_values=inter,
+            distributions={k: json_to_distribution(d) for k, d in row["distributions"].items()}))
+    return study
+
+
+# -- the trial ------------------------------------------------------------------------------------
+def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
+    """One Tune trial: the method's pipeline with the sampled knobs, reporting each evaluation."""
+    import torch
+    from ray import tune
+
+    from rayuda.engine import run_pipeline
+
+    torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
+    cfg = copy.deepcopy(setup["config"])
+    for key, value in params.items():
+        set_key(cfg, key, value, source="search space")
+    out_dir = Path(setup["work_root"]) / "trials" / tune.get_context().get_trial_id()
+
+    def report(metrics: dict[str, Any], report_dir: Path) -> None:
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
+
+    run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
+
+
+# -- the command -----------------------------------------------------------------------------------
+def prepare(args) -> dict[str, Any]:
+    """Validate everything the search needs before Ray starts: method, config, space, data specs."""
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    overrides = parse_assignments(args.set)
+    for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed),
+                       ("train.metric", args.metric), ("data.holdout", args.holdout),
+                       ("train.iters", args.max_iters)):
+        if value is not None:
+            overrides[key] = value
+    cfg = resolve_config(args.method, overrides, args.config)
+    max_iters = int(cfg["train"]["iters"])
+    grace = args.grace or max(1, max_iters // 4)
+    if not 0 < grace <= max_iters:
+        raise ConfigError(f"--grace must lie in 1..{max_iters} (the trial length), got {grace}")
+    if "train.eval_every" not in overrides:
+        cfg["train"]["eval_every"] = grace  # ASHA needs a score at each rung
+    space = load_space(args.method, args.space)
+    fixed = {k: v for k, v in overrides.items() if k in {knob.name for knob in space.knobs}}
+    space = space.without(fixed)
+    if not space.knobs:
+        raise ConfigError("every knob of the search space is fixed by --set: nothing to search")
+    from rayuda.data import open_dataset  # fail on a bad dataset spec now, not inside every trial
+
+    for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target"),
+                              (cfg["target"], "val", "target")):
+        open_dataset(spec, split, role=role, protocol=cfg["protocol"])
+    return {"config": cfg, "space": space, "fixed": fixed, "max_iters": max_iters, "grace": grace}
+
+
+def _experiment_dir(args, storage: Path) -> tuple[str, Path]:
+    if args.resume:
+        if args.name:
+            name = args.name
+        else:
+            found = sorted(storage.glob(f"{args.method}-*"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise ConfigError(f"--resume: no {args.method} search under {storage}")
+            name = found[-1].name
+        if not (storage / name).is_dir():
+            raise ConfigError(f"--resume: no search named {name!r} under {storage}")
+        return name, storage / name
+    name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (storage / name).exists():
+        raise ConfigError(f"a search named {name!r} already exists under {storage}; use --resume or another --name")
+    return name, storage / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        plan = prepare(args)
+        storage = Path(args.storage).resolve()
+        name, exp_dir = _experiment_dir(args, storage)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return search(args, plan, name, exp_dir)
+
+
+def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
+    import ray
+    from ray import tune
+
+    from rayuda.tracking import MlflowTracker, default_tracking_uri
+
+    cfg, space, max_iters = plan["config"], plan["space"], plan["max_iters"]
+    work_root = exp_dir / "work"
+    cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else exp_dir / "stage-cache"
+    work_root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, exp_dir / "base_config.yaml")
+    uri = args.mlflow_uri or default_tracking_uri()
+    setup = {"config": cfg, "work_root": str(work_root), "cache_dir": str(cache_dir),
+             "cpus_per_trial": args.cpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    metric_name = cfg["train"]["metric"]
+    print(f"rayuda.tune {args.method}: {len(space.knobs)} knobs from {space.source}; "
+          f"{args.num_samples} trials × {max_iters} iterations, ASHA grace {plan['grace']}, "
+          f"selection metric {metric_name!r}; storage {exp_dir}; MLflow {uri}", flush=True)
+
+    ray.init(address=args.address, include_dashboard=False, configure_logging=False,
+             log_to_driver=True, ignore_reinit_error=True)
+    record = exp_dir / "optuna_trials.json"
+    if args.resume:
+        print(f"resuming search {name} from {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        from ray.tune.schedulers import ASHAScheduler
+
+        cpus = ray.cluster_resources().get("CPU", 1)
+        concurrent = args.max_concurrent or max(1, int(cpus // max(args.cpus_per_trial, 1e-9)))
+        searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score", seed=cfg["seed"],
+                                 max_iters=max_iters, first=space.defaults(plan["fixed"]), record=record)
+        scheduler = ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
+                                  reduction_factor=args.reduction_factor)
+        tracker = MlflowTracker(
+            uri, f"rayuda-{args.method}", str(exp_dir), name, cfg, max_iters,
+            {"method": args.method, "num_samples": args.num_samples, "max_iters": max_iters, "grace": plan["grace"],
+             "reduction_factor": args.reduction_factor, "selection_metric": metric_name,
+             "space": space.source}, str(work_root))
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=args.num_samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent), callbacks=[tracker],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    return summarise(args, results, cfg, exp_dir, name, uri, record, max_iters)
+
+
+def _outcome_of(result, max_iters: int) -> str:
+    from rayuda.tracking import outcome
+
+    return outcome(result.metrics, max_iters, error=result.error is not None)
+
+
+def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, max_iters: int) -> int:
+    """Trials table, best.yaml, parent-run artifacts and plots; exit code 130 if interrupted."""
+    from rayuda.tracking import finish_search
+
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        params = {k: v for k, v in (result.config or {}).items()}
+        history = result.metrics_dataframe
+        best = float(history["score"].max()) if history is not None and "score" in history else float("nan")
+        rows.append({"trial": metrics.get("trial_id", ""), "outcome": _outcome_of(result, max_iters),
+                     "iteration": metrics.get("iteration", 0), "best_score": best,
+                     "miou": metrics.get("miou", float("nan")), **params})
+    rows.sort(key=lambda r: -r["best_score"] if not math.isnan(r["best_score"]) else math.inf)
+    interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in results._experiment_analysis.trials)
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("trial", "outcome", "iteration",
+                                                                           "best_score", "miou"), k))
+    table = exp_dir / "trials.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\n{'trial':<14} {'outcome':<14} {'iter':>5} {'best score':>10}  params")
+    for r in rows:
+        knobs = ", ".join(f"{k}={_fmt(r[k])}" for k in keys if "." in k and k in r)
+        print(f"{r['trial']:<14} {r['outcome']:<14} {r['iteration']:>5} {r['best_score']:>10.4f}  {knobs}")
+
+    plots = _plots(record, exp_dir) if record.exists() else []
+    best_path = None
+    best_metrics: dict[str, float] = {}
+    scored = [r for r in results if r.metrics_dataframe is not None and "score" in r.metrics_dataframe]
+    if scored:
+        best = max(scored, key=lambda r: float(r.metrics_dataframe["score"].max()))
+        best_cfg = copy.deepcopy(cfg)
+        for key, value in best.config.items():
+            set_key(best_cfg, key, value, source="search")
+        best_path = exp_dir / "best.yaml"
+        save_config(best_cfg, best_path)
+        if args.best:
+            save_config(best_cfg, args.best)
+        frame = best.metrics_dataframe
+        row = frame.loc[frame["score"].idxmax()]
+        best_metrics = {k: float(row[k]) for k in frame.columns
+                        if k.startswith(("miou", "iou/", "score", "target_entropy")) and row[k] == row[k]}
+        print(f"\nbest trial {best.metrics.get('trial_id')}: {cfg['train']['metric']} score "
+              f"{best_metrics.get('score', float('nan')):.4f}"
+              + (f", target mIoU {100 * best_metrics['miou']:.2f}" if "miou" in best_metrics else "")
+              + f" at iteration {int(row['iteration'])}; selected by {cfg['train']['metric']!r}")
+        print(f"best config → {best_path}" + (f" and {args.best}" if args.best else "")
+              + f"  (python -m rayuda.train {cfg['method']} --config {args.best or best_path})")
+    finish_search(uri, f"rayuda-{cfg['method']}", str(exp_dir), best_config=best_path, trials_csv=table,
+                  plots=plots, best_metrics=best_metrics, status="KILLED" if interrupted else "FINISHED")
+    print(f"trials table → {table}; MLflow: mlflow ui --backend-store-uri {uri}")
+    if interrupted:
+        print(f"search interrupted; continue it with: python -m rayuda.tune {cfg['method']} --resume "
+              f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plots(record: Path, exp_dir: Path) -> list[Path]:
+    """Optuna's optimisation history and parameter importances, as PNG (skipped when too few trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    study = study_from_record(record)
+    out = []
+    for name, plot in (("optimization_history", optuna.visualization.matplotlib.plot_optimization_history),
+                       ("param_importances", optuna.visualization.matplotlib.plot_param_importances)):
+        try:
+            plot(study)
+            path = exp_dir / f"{name}.png"
+            plt.gcf().set_size_inches(8, 5)
+            plt.tight_layout()
+            plt.savefig(path, dpi=100)
+            out.append(path)
+        except Exception as err:  # noqa: BLE001 — a plot is a nicety; say why it is missing
+            print(f"(no {name} plot: {err})", file=sys.stderr)
+        finally:
+            plt.close("all")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

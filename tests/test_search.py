@@ -1,0 +1,125 @@
+"""Search spaces and the pruning-aware searcher, without Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import optuna
+import pytest
+
+from rayuda.config import ConfigError
+from rayuda.methods import METHODS
+from rayuda.search import load_space, optuna_space
+from rayuda.tune import make_searcher, study_from_record
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_has_a_valid_space_whose_defaults_are_the_papers(method):
+    space = load_space(method)
+    from rayuda.config import default_config, flatten
+
+    cfg = flatten(default_config(method))
+    for knob in space.knobs:
+        assert knob.default == cfg[knob.name], f"{method}: {knob.name} default differs from the method's"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("knobs: {params.nope: {type: float, low: 0.1, high: 1, default: 0.5}}", "not a config key"),
+        ("knobs: {params.w_adv: {type: float, low: 1.0e-3, high: 1.0e-2, default: 1.0e-4}}", "outside the range"),
+        ("knobs: {params.w_adv: {type: float, low: 1.0, high: 0.1, default: 0.5}}", "must be below"),
+        ("knobs: {params.w_adv: {type: normal, low: 0.1, high: 1, default: 0.5}}", "type must be one of"),
+        ("knobs: {params.w_adv: {type: float, low: 0.1, high: 1}}", "no 'default'"),
+        ("knobs: {params.w_adv: {type: float, low: 0, high: 1, log: true, default: 0.5}}", "must be positive"),
+        ("knobs: [1, 2]", "non-empty mapping"),
+        ("knobs: {params.w_adv: {type: float, low: 0.1, high: 1, default: 0.5, condition: {x.y: [1]}}}",
+         "unknown key"),
+        ("method: cram\nknobs: {params.w_adv: {type: float, low: 0.1, high: 1, default: 0.5}}", "for method"),
+        ("knobs: {params.w_adv: [", "not valid YAML"),
+    ],
+)
+def test_malformed_spaces_are_rejected_with_the_key_at_fault(tmp_path, body, message):
+    with pytest.raises(ConfigError, match=message):
+        load_space("advent", write(tmp_path, body))
+
+
+def test_a_malformed_space_fails_before_ray_starts(tmp_path):
+    bad = write(tmp_path, "knobs: {params.w_adv: {type: float, low: 1.0e-3, high: 1.0e-2, default: 0.5}}")
+    proc = subprocess.run([sys.executable, "-m", "rayuda.tune", "advent", "--space", str(bad),
+                           "--storage", str(tmp_path / "store")], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "params.w_adv" in proc.stderr and "outside the range" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "ray" not in proc.stdout.lower()  # nothing was started
+    assert not (tmp_path / "store").exists()
+
+
+def test_conditional_knob_exists_only_when_its_condition_holds(tmp_path):
+    path = write(tmp_path, """
+        method: cram
+        knobs:
+          params.sfa: {type: categorical, choices: [true, false], default: true}
+          params.style_weight: {type: float, low: 0.0, high: 1.0, default: 0.5, condition: {params.sfa: [true]}}
+        """)
+    space = load_space("cram", path)
+    fn = optuna_space(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        fn(trial)
+        assert ("params.style_weight" in trial.params) == trial.params["params.sfa"]
+        seen.add(trial.params["params.sfa"])
+        study.tell(trial, 0.0)
+    assert seen == {True, False}
+    assert space.defaults() == {"params.sfa": True, "params.style_weight": 0.5}
+    fixed = {"params.sfa": False}  # --set params.sfa=false: the knob leaves the space, its dependant too
+    assert space.without(fixed).defaults(fixed) == {}
+
+
+def _searcher(tmp_path, max_iters=100):
+    space = load_space("advent")
+    searcher = make_searcher(optuna_space(space), metric="score", seed=0, max_iters=max_iters,
+                             first=space.defaults(), record=tmp_path / "record.json")
+    searcher.set_search_properties("score", "max", {})
+    return searcher
+
+
+def test_defaults_are_the_first_trial(tmp_path):
+    searcher = _searcher(tmp_path)
+    first = searcher.suggest("t0")
+    assert first == load_space("advent").defaults()
+    second = searcher.suggest("t1")
+    assert second != first
+
+
+def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(tmp_path):
+    searcher = _searcher(tmp_path, max_iters=100)
+    for tid in ("full", "stopped", "failed"):
+        searcher.suggest(tid)
+    for step, score in ((25, 0.1), (50, 0.2), (100, 0.3)):
+        searcher.on_trial_result("full", {"score": score, "iteration": step, "training_iteration": step // 25})
+    searcher.on_trial_result("stopped", {"score": 0.05, "iteration": 25, "training_iteration": 1})
+    # ASHA's stopping decision: Ray hands the last result to on_trial_complete (without on_trial_result)
+    searcher.on_trial_complete("stopped", {"score": 0.07, "iteration": 50, "training_iteration": 2})
+    searcher.on_trial_complete("full", {"score": 0.3, "iteration": 100, "training_iteration": 4})
+    searcher.on_trial_complete("failed", None, error=True)
+
+    trials = {t.number: t for t in searcher._ot_study.trials}
+    full, stopped, failed = trials[0], trials[1], trials[2]
+    assert full.state == optuna.trial.TrialState.COMPLETE and full.value == pytest.approx(0.3)
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert stopped.intermediate_values == {25: 0.05, 50: 0.07}  # reported at the engine's iteration
+    assert failed.state == optuna.trial.TrialState.FAIL
+    rebuilt = study_from_record(tmp_path / "record.json")
+    assert [t.state.name for t in rebuilt.trials] == ["COMPLETE", "PRUNED"]

@@ -1,0 +1,122 @@
+"""The search service for real: a local Ray cluster, Optuna, ASHA, a SQLite MLflow store, minicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+TINY = ["--set", "data.batch_size=2", "--set", "data.holdout=4", "--set", "warm_start.iters=4",
+        "--set", "train.log_every=2", "--set", "train.num_masks=2"]
+
+
+def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rayuda.tune", "advent", "--storage", str(tmp_path / "store"), "--name", "s",
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"),
+            *TINY, *extra]
+
+
+def runs(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rayuda-advent")
+    all_runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in all_runs if r.data.tags.get("rayuda.role") == "search"]
+    children = [r for r in all_runs if r.data.tags.get("rayuda.role") == "trial"]
+    return client, parents, children
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tune")
+    proc = subprocess.run(tune_cmd(tmp_path, "--num-samples", "4", "--max-iters", "4", "--grace", "2",
+                                   "--max-concurrent", "2"),
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp_path, proc
+
+
+def test_search_tracks_one_parent_and_a_child_per_trial_with_final_statuses(search):
+    tmp_path, proc = search
+    client, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    for child in children:
+        outcome = child.data.tags["rayuda.outcome"]
+        assert child.info.status == {"finished": "FINISHED", "early_stopped": "KILLED"}[outcome]
+        assert "miou" in child.data.metrics and "iou/road" in child.data.metrics
+        history = client.get_metric_history(child.info.run_id, "miou")
+        assert [m.step for m in history][0] == 2
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"masks", "checkpoint"} <= artifacts
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"best.yaml", "trials.csv", "optimization_history.png"} <= parent_artifacts
+
+
+def test_asha_stopped_trials_are_pruned_in_the_optuna_study(search):
+    tmp_path, _ = search
+    _, _, children = runs(tmp_path)
+    stopped = sum(c.data.tags["rayuda.outcome"] == "early_stopped" for c in children)
+    record = json.loads((tmp_path / "store" / "s" / "optuna_trials.json").read_text())
+    states = sorted(r["state"] for r in record)
+    assert states.count("PRUNED") == stopped
+    assert states.count("COMPLETE") == 4 - stopped
+    for row in record:
+        last = max(int(k) for k in row["intermediate_values"])
+        assert last == (4 if row["state"] == "COMPLETE" else 2)
+
+
+def test_source_stage_is_trained_once_per_search(search):
+    tmp_path, proc = search
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "store" / "s" / "work").glob("trials/*/summary.json")]
+    warm = [s["stages"][0] for s in summaries]
+    assert len(warm) >= 2  # trials that ran to the end
+    stage_dirs = list((tmp_path / "store" / "s" / "stage-cache").glob("source_only-*"))
+    assert len(stage_dirs) == 1
+    assert proc.stdout.count("[source_only stage] trained") == 1
+
+
+def test_best_config_is_accepted_by_rayuda_train(search, tmp_path):
+    root, _ = search
+    best = yaml.safe_load((root / "best.yaml").read_text())
+    assert best["method"] == "advent"
+    proc = subprocess.run([sys.executable, "-m", "rayuda.train", "advent", "--config", str(root / "best.yaml"),
+                           "--iters", "1", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == "advent"
+
+
+def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
+    cmd = tune_cmd(tmp_path, "--num-samples", "3", "--max-iters", "6", "--grace", "6", "--max-concurrent", "1",
+                   "--set", "train.eval_every=2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    trials = tmp_path / "store" / "s" / "work" / "trials"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(trials.glob("*/summary.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    _, _, before = runs(tmp_path)
+    assert 1 <= len(before) < 3 or proc.returncode == 130
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    _, parents, children = runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["rayuda.trial_id"] for c in children]
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    record = json.loads((tmp_path / "store" / "s" / "optuna_trials.json").read_text())
+    assert sorted(r["state"] for r in record) == ["COMPLETE"] * 3
