@@ -83,7 +83,9 @@ def test_every_method_trains_end_to_end_on_minicity(method, tmp_path):
     summary = run_pipeline(tiny(method), tmp_path / method, cache_dir=tmp_path.parent / "shared-cache")
     assert summary["method"] == method and summary["iterations"] == 6
     assert 0.0 <= summary["miou"] <= 1.0
-    assert set(losses(tmp_path / method)[0]) > {"iteration", "seg"}
+    logged = set(losses(tmp_path / method)[0])
+    # every method logs its segmentation loss; adaptation methods log their own terms too
+    assert logged == {"iteration", "seg"} if method == "source_only" else logged > {"iteration", "seg"}
     saved = yaml.safe_load((tmp_path / method / "config.yaml").read_text())
     assert saved["method"] == method and saved["params"] == resolve_config(method)["params"]
 
