@@ -17,6 +17,7 @@ from rayuda.engine.checkpoint import atomic_save
 from rayuda.methods import METHODS
 
 TINY = {
+    "data.size": [32, 64],
     "data.batch_size": 2,
     "data.holdout": 4,
     "train.iters": 6,

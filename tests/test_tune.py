@@ -14,8 +14,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-TINY = ["--set", "data.batch_size=2", "--set", "data.holdout=4", "--set", "warm_start.iters=4",
-        "--set", "train.log_every=2", "--set", "train.num_masks=2"]
+TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
+        "--set", "warm_start.iters=4", "--set", "train.log_every=2", "--set", "train.num_masks=2"]
 
 
 def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
