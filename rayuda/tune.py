@@ -82,16 +82,13 @@ def make_searcher(space_fn, *, metric: str, seed: int, max_iters: int, first: di
         def on_trial_complete(self, trial_id, result=None, error=False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return super().on_trial_complete(trial_id, result, error)
+            if result is not None and self.metric in result:
+                self.on_trial_result(trial_id, result)  # Tune hands the last result only to this hook
             reached = result is not None and int(result.get("iteration", 0)) >= self.max_iters
             if error or result is None or reached or self.metric not in result:
                 super().on_trial_complete(trial_id, result, error)
             else:
-                ot_trial = self._ot_trials[trial_id]
-                step = int(result.get("iteration", 0))
-                value = result[self.metric]
-                if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
-                    ot_trial.report(value, step)
-                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
             write_study_record(self._ot_study, self.record)
 
@@ -99,7 +96,9 @@ def make_searcher(space_fn, *, metric: str, seed: int, max_iters: int, first: di
             # report at the engine's iteration (ASHA's time axis), not Ray's report counter
             if trial_id in self._completed_trials or self.metric not in result:
                 return
-            self._ot_trials[trial_id].report(result[self.metric], int(result.get("iteration", 0)))
+            ot_trial, step = self._ot_trials[trial_id], int(result.get("iteration", 0))
+            if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+                ot_trial.report(result[self.metric], step)
 
     searcher = PruningAwareOptunaSearch(
         space=space_fn, metric=metric, mode="max", points_to_evaluate=[first] if first else None,
@@ -155,10 +154,17 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
         set_key(cfg, key, value, source="search space")
     out_dir = Path(setup["work_root"]) / "trials" / tune.get_context().get_trial_id()
 
+    last: list[tuple[dict[str, Any], Path]] = []
+
     def report(metrics: dict[str, Any], report_dir: Path) -> None:
+        if int(metrics.get("iteration", 0)) >= int(cfg["train"]["iters"]):
+            last.append((dict(metrics), report_dir))  # Tune ends the trial at its last report: hold it
+            return                                     # until the pipeline has written summary.json
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
 
     run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
+    for metrics, report_dir in last:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -245,7 +251,9 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
 
     ray.init(address=args.address, include_dashboard=False, configure_logging=False,
              log_to_driver=True, ignore_reinit_error=True)
-    record = exp_dir / "optuna_trials.json"
+    # rayuda's own state lives under work/: Ray re-uploads the experiment folder's top-level files it
+    # restored on --resume when the search ends, which would roll them back to their old content
+    record = work_root / "optuna_trials.json"
     if args.resume:
         print(f"resuming search {name} from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -271,8 +279,19 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
+    plan_file = work_root / "search.json"  # what this search set out to do, for --resume
+    if not args.resume:
+        plan_file.write_text(json.dumps({"num_samples": args.num_samples, "max_iters": max_iters}))
     results = tuner.fit()
-    return summarise(args, results, cfg, exp_dir, name, uri, record, max_iters)
+    expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
+    return summarise(args, results, cfg, exp_dir, name, uri, record, max_iters, expected)
+
+
+def _finished_trials(record: Path) -> int:
+    """Trials the searcher was told the end of (complete, pruned or failed); interrupted ones are not."""
+    if not record.exists():
+        return 0
+    return sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in json.loads(record.read_text()))
 
 
 def _outcome_of(result, max_iters: int) -> str:
@@ -281,7 +300,8 @@ def _outcome_of(result, max_iters: int) -> str:
     return outcome(result.metrics, max_iters, error=result.error is not None)
 
 
-def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, max_iters: int) -> int:
+def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, max_iters: int,
+              expected: int) -> int:
     """Trials table, best.yaml, parent-run artifacts and plots; exit code 130 if interrupted."""
     from rayuda.tracking import finish_search
 
@@ -295,7 +315,7 @@ def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Pa
                      "iteration": metrics.get("iteration", 0), "best_score": best,
                      "miou": metrics.get("miou", float("nan")), **params})
     rows.sort(key=lambda r: -r["best_score"] if not math.isnan(r["best_score"]) else math.inf)
-    interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in results._experiment_analysis.trials)
+    interrupted = _finished_trials(record) < expected
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("trial", "outcome", "iteration",
                                                                            "best_score", "miou"), k))

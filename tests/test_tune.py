@@ -65,7 +65,7 @@ def test_asha_stopped_trials_are_pruned_in_the_optuna_study(search):
     tmp_path, _ = search
     _, _, children = runs(tmp_path)
     stopped = sum(c.data.tags["rayuda.outcome"] == "early_stopped" for c in children)
-    record = json.loads((tmp_path / "store" / "s" / "optuna_trials.json").read_text())
+    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
     states = sorted(r["state"] for r in record)
     assert states.count("PRUNED") == stopped
     assert states.count("COMPLETE") == 4 - stopped
@@ -118,5 +118,5 @@ def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     ids = [c.data.tags["rayuda.trial_id"] for c in children]
     assert len(ids) == 3 and len(set(ids)) == 3
     assert all(c.info.status == "FINISHED" for c in children)
-    record = json.loads((tmp_path / "store" / "s" / "optuna_trials.json").read_text())
+    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
     assert sorted(r["state"] for r in record) == ["COMPLETE"] * 3
