@@ -28,7 +28,7 @@ from ray import tune
 from rayuda.config import flatten
 
 OUTCOME_STATUS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
-_METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "score", "pseudo")
+METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "flip_agreement", "score", "pseudo")
 
 
 def default_tracking_uri() -> str:
@@ -56,7 +56,7 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numeric metrics of a Tune result that belong in MLflow."""
     out = {}
     for key, value in result.items():
-        if key.startswith(_METRIC_PREFIXES) and isinstance(value, int | float) and not isinstance(value, bool):
+        if key.startswith(METRIC_PREFIXES) and isinstance(value, int | float) and not isinstance(value, bool):
             if math.isfinite(value):
                 out[key] = float(value)
     return out
@@ -84,10 +84,11 @@ class MlflowTracker(tune.Callback):
         self._experiment_id: str | None = None
         self._parent: str | None = None
         self._runs: dict[str, str] = {}
+        self._tagged_nodes: set[str] = set()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _parent=None, _experiment_id=None)
+        state.update(_client=None, _runs={}, _parent=None, _experiment_id=None, _tagged_nodes=set())
         return state
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -154,8 +155,12 @@ class MlflowTracker(tune.Callback):
         step = int(result.get("iteration", 0))
         stamp = int(time.time() * 1000)
         metrics = [Metric(k, v, stamp, step) for k, v in trial_metrics(result).items()]
+        run_id = self.child_run_id(trial)
         if metrics:
-            self.client.log_batch(self.child_run_id(trial), metrics=metrics)
+            self.client.log_batch(run_id, metrics=metrics)
+        if result.get("node_id") and trial.trial_id not in self._tagged_nodes:
+            self.client.set_tag(run_id, "rayuda.node_id", str(result["node_id"]))  # the Ray node that ran it
+            self._tagged_nodes.add(trial.trial_id)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         step = int((trial.last_result or {}).get("iteration", 0))

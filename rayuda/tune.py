@@ -143,6 +143,7 @@ def study_from_record(path: str | Path):
 # -- the trial ------------------------------------------------------------------------------------
 def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     """One Tune trial: the method's pipeline with the sampled knobs, reporting each evaluation."""
+    import ray
     import torch
     from ray import tune
 
@@ -153,14 +154,15 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     for key, value in params.items():
         set_key(cfg, key, value, source="search space")
     out_dir = Path(setup["work_root"]) / "trials" / tune.get_context().get_trial_id()
-
+    node_id = ray.get_runtime_context().get_node_id()  # which machine ran it, tagged in MLflow
     last: list[tuple[dict[str, Any], Path]] = []
 
     def report(metrics: dict[str, Any], report_dir: Path) -> None:
+        metrics = {**metrics, "node_id": node_id}
         if int(metrics.get("iteration", 0)) >= int(cfg["train"]["iters"]):
-            last.append((dict(metrics), report_dir))  # Tune ends the trial at its last report: hold it
-            return                                     # until the pipeline has written summary.json
-        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
+            last.append((metrics, report_dir))  # Tune ends the trial at its last report: hold it
+            return                              # until the pipeline has written summary.json
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
 
     run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
     for metrics, report_dir in last:
@@ -192,9 +194,14 @@ def prepare(args) -> dict[str, Any]:
         raise ConfigError("every knob of the search space is fixed by --set: nothing to search")
     from rayuda.data import open_dataset  # fail on a bad dataset spec now, not inside every trial
 
-    for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target"),
-                              (cfg["target"], "val", "target")):
+    for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target")):
         open_dataset(spec, split, role=role, protocol=cfg["protocol"])
+    holdout = open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"])
+    metric = cfg["train"]["metric"]
+    if SELECTION_METRICS[metric][0] == "miou" and not getattr(holdout, "has_labels", True):
+        proxies = ", ".join(m for m, (key, _) in SELECTION_METRICS.items() if key != "miou")
+        raise ConfigError(f"target {cfg['target']!r} has no labels, so --metric {metric} cannot be computed; "
+                          f"choose a label-free proxy: --metric {{{proxies}}}")
     return {"config": cfg, "space": space, "fixed": fixed, "max_iters": max_iters, "grace": grace}
 
 
@@ -303,7 +310,7 @@ def _outcome_of(result, max_iters: int) -> str:
 def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, max_iters: int,
               expected: int) -> int:
     """Trials table, best.yaml, parent-run artifacts and plots; exit code 130 if interrupted."""
-    from rayuda.tracking import finish_search
+    from rayuda.tracking import METRIC_PREFIXES, finish_search
 
     rows = []
     for result in results:
@@ -345,7 +352,7 @@ def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Pa
         frame = best.metrics_dataframe
         row = frame.loc[frame["score"].idxmax()]
         best_metrics = {k: float(row[k]) for k in frame.columns
-                        if k.startswith(("miou", "iou/", "score", "target_entropy")) and row[k] == row[k]}
+                        if k.startswith(METRIC_PREFIXES) and not k.startswith("loss/") and row[k] == row[k]}
         print(f"\nbest trial {best.metrics.get('trial_id')}: {cfg['train']['metric']} score "
               f"{best_metrics.get('score', float('nan')):.4f}"
               + (f", target mIoU {100 * best_metrics['miou']:.2f}" if "miou" in best_metrics else "")

@@ -36,11 +36,12 @@ def evaluate(
     batch_size: int = 16,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset``: ``miou`` and ``iou/<class>`` (when labelled) and
-    ``target_entropy`` (mean normalised prediction entropy, needs no labels)."""
+    the label-free proxies ``target_entropy`` (mean normalised prediction entropy) and
+    ``flip_agreement`` (share of pixels whose class is the same when the image is mirrored)."""
     was_training = model.training
     model.eval()
     evaluator = Evaluator(num_classes)
-    entropy_sum, pixels, saved = 0.0, 0, 0
+    entropy_sum, agree, pixels, saved = 0.0, 0, 0, 0
     palette = cityscapes_palette(num_classes) if num_masks else None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images, labels = batch["image"].to(device), batch["label"].to(device)
@@ -50,6 +51,10 @@ def evaluate(
         ent = entropy_map(torch.softmax(logits, dim=1))
         entropy_sum += float(ent.sum())
         pixels += ent.numel()
+        mirrored = model(images.flip(-1)).logits["main"].float().flip(-1)
+        mirrored = torch.nn.functional.interpolate(mirrored, size=labels.shape[-2:], mode="bilinear",
+                                                   align_corners=False)
+        agree += int((mirrored.argmax(1) == logits.argmax(1)).sum())
         if masks_dir is not None and saved < num_masks:
             masks_dir.mkdir(parents=True, exist_ok=True)
             for pred, name in zip(logits.argmax(1).cpu().numpy(), batch["name"], strict=True):
@@ -58,7 +63,8 @@ def evaluate(
                 Image.fromarray(palette[pred.astype(np.uint8)]).save(masks_dir / f"{Path(name).stem}.png")
                 saved += 1
     model.train(was_training)
-    metrics: dict[str, float] = {"target_entropy": entropy_sum / max(pixels, 1)}
+    metrics: dict[str, float] = {"target_entropy": entropy_sum / max(pixels, 1),
+                                 "flip_agreement": agree / max(pixels, 1)}
     if evaluator.confusion.sum() > 0:
         metrics["miou"] = float(evaluator.miou())
         for name, iou in zip(class_names, evaluator.per_class_iou(), strict=True):
@@ -71,6 +77,7 @@ def evaluate(
 SELECTION_METRICS = {
     "miou": ("miou", 1.0),
     "entropy": ("target_entropy", -1.0),
+    "flip_agreement": ("flip_agreement", 1.0),
 }
 
 

@@ -122,6 +122,7 @@ def run_pipeline(
         "best_score": final["best_score"],
         "best_iteration": final["best_iteration"],
         "target_entropy": final["target_entropy"],
+        "flip_agreement": final["flip_agreement"],
         "seed": cfg["seed"],
         "stages": stages,
     }
