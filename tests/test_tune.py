@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,3 +121,34 @@ def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     assert all(c.info.status == "FINISHED" for c in children)
     record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
     assert sorted(r["state"] for r in record) == ["COMPLETE"] * 3
+
+
+def unlabelled_folder(root: Path, count: int = 6) -> Path:
+    """A user's new target with images only: real PNGs copied from minicity's target rendering."""
+    from rayuda.data.minicity import ensure_minicity
+
+    images = sorted((ensure_minicity() / "target" / "leftImg8bit" / "train").rglob("*.png"))[:count]
+    (root / "images").mkdir(parents=True)
+    for path in images:
+        shutil.copy(path, root / "images" / path.name)
+    return root
+
+
+def test_label_free_search_on_an_unlabelled_folder_target(tmp_path):
+    target = unlabelled_folder(tmp_path / "mycity")
+    base = tune_cmd(tmp_path)
+    refused = subprocess.run([*base, "--target", f"folder:{target}"], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+    assert refused.returncode == 2 and "has no labels" in refused.stderr and "flip_agreement" in refused.stderr
+    assert not (tmp_path / "store").exists()  # refused before Ray started
+
+    proc = subprocess.run([*base, "--target", f"folder:{target}", "--metric", "flip_agreement", "--num-samples", "1",
+                           "--max-iters", "2", "--grace", "2"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "selected by 'flip_agreement'" in proc.stdout
+    _, parents, children = runs(tmp_path)
+    assert parents[0].data.params["selection_metric"] == "flip_agreement"
+    assert children[0].data.tags["rayuda.selection_metric"] == "flip_agreement"
+    assert "flip_agreement" in children[0].data.metrics and "miou" not in children[0].data.metrics
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["train"]["metric"] == "flip_agreement"
