@@ -39,7 +39,8 @@ def search(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tune")
     proc = subprocess.run(tune_cmd(tmp_path, "--num-samples", "4", "--max-iters", "4", "--grace", "2",
                                    "--max-concurrent", "2"),
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**os.environ, "RAY_DEDUP_LOGS": "0"})  # count every trial's lines
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return tmp_path, proc
 
@@ -83,6 +84,7 @@ def test_source_stage_is_trained_once_per_search(search):
     stage_dirs = list((tmp_path / "store" / "s" / "stage-cache").glob("source_only-*"))
     assert len(stage_dirs) == 1
     assert proc.stdout.count("[source_only stage] trained") == 1
+    assert proc.stdout.count("[source_only stage] cache hit") == 3
 
 
 def test_best_config_is_accepted_by_rayuda_train(search, tmp_path):

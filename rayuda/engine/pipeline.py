@@ -140,9 +140,10 @@ def _warm_start(cfg, model, data, device, cache_dir) -> dict[str, Any]:
         seed_everything(cfg["seed"])
         fresh = build_segmenter(cfg["model"], len(data.class_names)).to(device)
         stage = {**copy.deepcopy(cfg), "train": {**cfg["train"], "eval_every": ws["iters"]}, "params": {}}
+        started = time.time()
         result = train_stage(config=stage, method=SourceOnly(), model=fresh, data=data, iters=ws["iters"],
                              lr=ws["lr"], work_dir=work_dir, device=device, label="source_only stage")
-        return {"miou": result.get("miou"), "iterations": ws["iters"]}
+        return {"miou": result.get("miou"), "iterations": ws["iters"], "seconds": round(time.time() - started, 2)}
 
     stage_dir, hit = cached_stage(cache_dir, "source_only", stage_cfg, compute)
     model.load_state_dict(load_checkpoint(stage_dir / "model.pt"))
