@@ -267,8 +267,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     else:
         from ray.tune.schedulers import ASHAScheduler
 
-        cpus = ray.cluster_resources().get("CPU", 1)
-        concurrent = args.max_concurrent or max(1, int(cpus // max(args.cpus_per_trial, 1e-9)))
+        concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
         searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score", seed=cfg["seed"],
                                  max_iters=max_iters, first=space.defaults(plan["fixed"]), record=record)
         scheduler = ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
@@ -292,6 +291,14 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     results = tuner.fit()
     expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
     return summarise(args, results, cfg, exp_dir, name, uri, record, max_iters, expected)
+
+
+def _fitting_trials(resources: dict[str, float], args) -> int | None:
+    """Trials the cluster can run at once now; None (Tune decides) when an autoscaler must add GPUs first."""
+    if args.gpus_per_trial > 0:
+        gpus = resources.get("GPU", 0)
+        return int(gpus // args.gpus_per_trial) or None
+    return max(1, int(resources.get("CPU", 1) // max(args.cpus_per_trial, 1e-9)))
 
 
 def _finished_trials(record: Path) -> int:
