@@ -38,12 +38,19 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", required=True)
+    parser.add_argument("--methods", nargs="+")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                        help="no runs: merge the runs of earlier results files and print their table")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     parser.add_argument("--out", default="runs/calibration")
     parser.add_argument("--json", default=None, help="where to write the results (default OUT/results.json)")
     args = parser.parse_args(argv)
+    if args.report:
+        print_table(merge(args.report))
+        return 0
+    if not args.methods:
+        parser.error("--methods is required (or --report)")
     common = parse_assignments(args.set)
     out = Path(args.out)
     results = {}
@@ -57,22 +64,36 @@ def main(argv=None) -> int:
             rows.append({"seed": seed, "miou": summary["miou"], "seconds": time.time() - tic,
                          "stage_seconds": summary["stages"][-1]["seconds"]})
             print(f"== {name} seed {seed}: mIoU {100 * summary['miou']:.2f}", flush=True)
-        mious = [100 * r["miou"] for r in rows]
-        results[name] = {
-            "method": method, "overrides": overrides, "runs": rows,
-            "mean": statistics.mean(mious), "std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
-            "seconds": statistics.mean(r["seconds"] for r in rows),
-        }
+        results[name] = {"method": method, "overrides": overrides, "runs": rows}
     path = Path(args.json) if args.json else out / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"common": common, "seeds": args.seeds, "results": results}, indent=1))
-    print("\n| run | target-val mIoU (mean ± std) | per-seed | s / run (method stage) |")
+    print_table(results)
+    return 0
+
+
+def merge(paths: list[Path]) -> dict:
+    """The runs of several results files, per variant, in seed order."""
+    results: dict = {}
+    for path in paths:
+        for name, r in json.loads(path.read_text())["results"].items():
+            results.setdefault(name, {"method": r["method"], "overrides": r["overrides"], "runs": []})
+            results[name]["runs"] += r["runs"]
+    for r in results.values():
+        r["runs"].sort(key=lambda x: x["seed"])
+    return results
+
+
+def print_table(results: dict) -> None:
+    print("\n| run | target-val mIoU (mean ± std) | per seed | s / run (method stage) |")
     print("|---|---|---|---|")
     for name, r in results.items():
-        per_seed = ", ".join(f"{100 * x['miou']:.1f}" for x in r["runs"])
+        mious = [100 * x["miou"] for x in r["runs"]]
+        std = statistics.stdev(mious) if len(mious) > 1 else 0.0
+        per_seed = ", ".join(f"{m:.1f}" for m in mious)
+        seconds = statistics.mean(x["seconds"] for x in r["runs"])
         stage = statistics.mean(x["stage_seconds"] for x in r["runs"])
-        print(f"| {name} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | {r['seconds']:.0f} ({stage:.0f}) |")
-    return 0
+        print(f"| {name} | {statistics.mean(mious):.2f} ± {std:.2f} | {per_seed} | {seconds:.0f} ({stage:.0f}) |")
 
 
 if __name__ == "__main__":
