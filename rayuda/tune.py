@@ -287,7 +287,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         )
     plan_file = work_root / "search.json"  # what this search set out to do, for --resume
     if not args.resume:
-        plan_file.write_text(json.dumps({"num_samples": args.num_samples, "max_iters": max_iters}))
+        plan_file.write_text(json.dumps({"num_samples": args.num_samples}))
     results = tuner.fit()
     expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
     return summarise(args, results, cfg, exp_dir, name, uri, record, max_iters, expected)

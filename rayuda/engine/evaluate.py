@@ -23,6 +23,12 @@ def cityscapes_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
+def _logits_at(model: torch.nn.Module, images: torch.Tensor, size) -> torch.Tensor:
+    """The main classifier's logits, upsampled (bilinear) to the label ``size``."""
+    logits = model(images).logits["main"].float()
+    return torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -45,15 +51,12 @@ def evaluate(
     palette = cityscapes_palette(num_classes) if num_masks else None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        logits = model(images).logits["main"].float()
-        logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = _logits_at(model, images, labels.shape[-2:])
         evaluator.update(logits, labels)
         ent = entropy_map(torch.softmax(logits, dim=1))
         entropy_sum += float(ent.sum())
         pixels += ent.numel()
-        mirrored = model(images.flip(-1)).logits["main"].float().flip(-1)
-        mirrored = torch.nn.functional.interpolate(mirrored, size=labels.shape[-2:], mode="bilinear",
-                                                   align_corners=False)
+        mirrored = _logits_at(model, images.flip(-1), labels.shape[-2:]).flip(-1)
         agree += int((mirrored.argmax(1) == logits.argmax(1)).sum())
         if masks_dir is not None and saved < num_masks:
             masks_dir.mkdir(parents=True, exist_ok=True)
