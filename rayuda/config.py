@@ -1,8 +1,10 @@
 """Run configuration: one nested dict of plain data, strict about its keys.
 
-A run's config is the base defaults below, the method's own knobs (``params``, the paper's values),
-then a YAML file, then ``key=value`` overrides with dotted keys. Unknown keys are errors that list the
-valid ones, so a typo never silently falls back to a default.
+A run's config is the base defaults below, the method's own knobs (``params``, the paper's values) and
+stage schedules (``stages.<name>.iters`` / ``.lr``), then a YAML file, then ``key=value`` overrides with
+dotted keys. Unknown keys are errors that list the valid ones, so a typo never silently falls back to a
+default. This module knows no method: the registry (``rayuda.methods.resolve_config``) hands it a method's
+defaults.
 """
 
 from __future__ import annotations
@@ -40,10 +42,7 @@ BASE_DEFAULTS: dict[str, Any] = {
         "freeze_bn": False,
         "init": "random",
     },
-    "optim": {
-        # 10× the papers' 2.5e-4: their runs last ~100k iterations from ImageNet weights; the CPU default is a
-        # 400-iteration stage after the warm start, where 2.5e-4 barely moves the model (docs/BENCHMARKS.md)
-        "lr": 2.5e-3,
+    "optim": {  # G's learning rate is per stage: stages.<name>.lr
         "momentum": 0.9,
         "weight_decay": 5.0e-4,
         "lr_d": 1.0e-4,
@@ -51,31 +50,26 @@ BASE_DEFAULTS: dict[str, Any] = {
         "power": 0.9,
     },
     "train": {
-        "iters": 400,
-        "eval_every": 100,
+        "eval_every": 100,  # also the checkpoint interval of unreported stages
         "log_every": 50,
         "device": "auto",
         "amp": False,
         "metric": "miou",
         "num_masks": 4,
     },
-    # The cached source-only stage every adaptation starts from (null: start from model.init).
-    "warm_start": {"iters": 600, "lr": 0.01},
+    # Per-stage schedules. source_only is the cached stage every plan starts from (iters 0: start the next
+    # stage from model.init); a method adds its own stages (rayuda.methods).
+    "stages": {"source_only": {"iters": 600, "lr": 0.01}},
     "params": {},
 }
 
 
-def _method_defaults(method: str) -> dict[str, Any]:
-    from rayuda.methods import get_method
-
-    return copy.deepcopy(get_method(method).defaults)
-
-
-def default_config(method: str) -> dict[str, Any]:
-    """The full default config of ``method``: base defaults plus the method's paper knobs."""
+def default_config(method: str, params: dict[str, Any], schedules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Base defaults plus a method's paper knobs (``params``) and stage ``schedules``."""
     cfg = copy.deepcopy(BASE_DEFAULTS)
     cfg["method"] = method
-    cfg["params"] = _method_defaults(method)
+    cfg["params"] = copy.deepcopy(params)
+    cfg["stages"].update(copy.deepcopy(schedules))
     return cfg
 
 
@@ -113,25 +107,16 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def valid_keys(method: str) -> list[str]:
-    """Every dotted key a config of ``method`` accepts."""
-    return sorted(flatten(default_config(method)))
-
-
 def set_key(cfg: dict[str, Any], dotted: str, value: Any, *, source: str = "override") -> None:
     """Set ``cfg[a][b] = value`` for ``dotted = "a.b"``, refusing keys the config does not have."""
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts):
-        last = i == len(parts) - 1
         if not isinstance(node, dict) or part not in node:
-            valid = ", ".join(valid_keys(cfg["method"]))
+            valid = ", ".join(sorted(flatten(cfg)))
             raise ConfigError(f"unknown config key {dotted!r} (from {source}); valid keys: {valid}")
-        if last:
+        if i == len(parts) - 1:
             node[part] = _coerce(dotted, node[part], value, source)
-        elif node[part] is None and parts[0] == "warm_start":
-            node[part] = copy.deepcopy(BASE_DEFAULTS["warm_start"])
-            node = node[part]
         else:
             node = node[part]
 
@@ -179,12 +164,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    method: str,
+    defaults: dict[str, Any],
     overrides: dict[str, Any] | None = None,
     config_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Defaults of ``method`` ← ``config_file`` ← dotted ``overrides``; validated."""
-    cfg = default_config(method)
+    """A method's ``defaults`` (see :func:`default_config`) ← ``config_file`` ← dotted ``overrides``; validated."""
+    cfg = copy.deepcopy(defaults)
+    method = cfg["method"]
     if config_file is not None:
         data = load_yaml(config_file)
         file_method = data.pop("method", method)

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rayuda.models.predict import upsample_logits
+
 EPS = 1e-30
 
 
@@ -160,7 +162,7 @@ def seg_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: i
     Mean over labelled pixels; with none it returns a zero that still has a graph, not NaN.
     """
     if logits.shape[-2:] != label.shape[-2:]:
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        logits = upsample_logits(logits, label.shape[-2:])
     label = label.long()
     total = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum")
     return total / (label != ignore_index).sum().clamp_min(1)  # no host sync; 0 with a graph if none valid

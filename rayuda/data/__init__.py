@@ -11,6 +11,7 @@ from rayuda.data.datasets import (
     open_folder,
     open_gta5,
     open_synthia,
+    with_pseudo_labels,
 )
 from rayuda.data.labels import (
     PROTOCOLS,
@@ -37,4 +38,5 @@ __all__ = [
     "open_synthia",
     "synthia_lut",
     "train_id_lut",
+    "with_pseudo_labels",
 ]

@@ -345,6 +345,28 @@ def open_folder(path: str | Path, split: str, *, protocol: int = 19, transform: 
                                transform=transform, seed=seed)
 
 
+def with_pseudo_labels(dataset: SegmentationDataset, label_dir: Path, names: list[str], what: str
+                       ) -> SegmentationDataset:
+    """The images of ``dataset`` named in ``names``, labelled with the train-id PNGs ``label_dir/<stem>.png``
+    a pseudo-label pass wrote (an image without one is unlabelled). Same transform and seed, so image and
+    pseudo-label are augmented alike. ``what`` names the labels in errors."""
+    wanted = set(names)
+    files = []
+    for image_path, _ in dataset.files:
+        if image_path.name in wanted:
+            label = Path(label_dir) / f"{image_path.stem}.png"
+            files.append((image_path, label if label.is_file() else None))
+    if len(files) != len(wanted):
+        raise DatasetError(f"{what}: {len(wanted) - len(files)} image(s) of the subset are not in {dataset.root}")
+    num_classes = len(dataset.class_names)
+    lut = np.full(65536, IGNORE, dtype=np.uint8)
+    lut[:num_classes] = np.arange(num_classes, dtype=np.uint8)
+    known = np.zeros(65536, dtype=bool)
+    known[:num_classes] = known[IGNORE] = True
+    return SegmentationDataset(dataset.root, files, protocol=dataset.protocol, lut=lut, known=known,
+                               ids=f"train ids ({what})", transform=dataset.transform, seed=dataset.seed)
+
+
 _OPENERS = {"gta5": open_gta5, "synthia": open_synthia, "cityscapes": open_cityscapes, "folder": open_folder}
 
 

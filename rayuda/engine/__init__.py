@@ -1,16 +1,7 @@
-"""The training engine: one loop (``loop``), stages and their cache (``pipeline``, ``cache``), evaluation.
+"""The training engine: runs any method's stage plan (``pipeline``) through one loop (``loop``) and one
+pseudo-label pass (``passes``), caching every stage under a key derived from what it reads (``plan``,
+``cache``). It stands above ``rayuda.methods``: methods declare, the engine runs."""
 
-``run_pipeline`` is imported lazily: method modules import the engine's parts, and the pipeline imports
-the methods.
-"""
-
-
-def __getattr__(name: str):
-    if name == "run_pipeline":
-        from rayuda.engine.pipeline import run_pipeline
-
-        return run_pipeline
-    raise AttributeError(name)
-
+from rayuda.engine.pipeline import run_pipeline
 
 __all__ = ["run_pipeline"]

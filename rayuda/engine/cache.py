@@ -1,15 +1,15 @@
-"""The stage cache: a pipeline stage's result stored under the hash of everything that determines it.
+"""The stage cache: a stage's result stored under its chained key (``rayuda.engine.plan.stage_key``).
 
-Trials whose upstream configs agree (same source data, model, source-only schedule and seed) find the
-stage already computed and reuse it; a file lock makes concurrent trials compute it once.
+Trials whose upstream configs agree find a stage already computed and reuse it; a file lock makes
+concurrent trials compute it once. Locks are per stage and the engine resolves a plan's stages one after
+the other, so no lock is held while an upstream stage is being computed.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +18,6 @@ from typing import Any
 import yaml
 
 DONE = "stage.yaml"
-
-
-def stage_key(stage_config: dict[str, Any]) -> str:
-    """A short stable hash of a stage's determining config."""
-    text = json.dumps(stage_config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @contextmanager
@@ -38,16 +32,17 @@ def file_lock(path: Path):
 
 
 def cached_stage(
-    cache_dir: Path, name: str, stage_config: dict[str, Any], compute: Callable[[Path], dict[str, Any]]
+    cache_dir: Path, name: str, key: str, record: dict[str, Any], compute: Callable[[Path], dict[str, Any]]
 ) -> tuple[Path, bool]:
-    """Return ``(directory, hit)`` of stage ``name`` for ``stage_config``, computing it if needed.
+    """Return ``(directory, hit)`` of stage ``name`` with ``key``, computing it if needed.
 
-    ``compute(work_dir)`` writes the stage's files into ``work_dir`` and returns a small dict of facts
-    (e.g. its evaluation) recorded in ``stage.yaml``. An interrupted computation keeps its work
-    directory, so a stage that checkpoints resumes instead of starting over.
+    ``compute(work_dir)`` writes the stage's files into ``work_dir`` and returns a small dict of facts,
+    saved with ``record`` (what the key was made of) and the seconds it took in ``stage.yaml``, the
+    done-marker. An interrupted computation keeps its work directory, so a stage that checkpoints
+    resumes instead of starting over — whichever trial picks it up next.
     """
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"{name}-{stage_key(stage_config)}"
+    final = cache_dir / f"{name}-{key}"
     if (final / DONE).exists():
         return final, True
     with file_lock(cache_dir / f".{final.name}.lock"):
@@ -55,13 +50,16 @@ def cached_stage(
             return final, True
         work = cache_dir / f".{final.name}.partial"
         work.mkdir(parents=True, exist_ok=True)
+        tic = time.time()
         facts = compute(work)
-        (work / DONE).write_text(yaml.safe_dump({"stage": name, "config": stage_config, **facts}))
+        done = {"stage": name, "key": key, **record, "facts": facts, "seconds": round(time.time() - tic, 2)}
+        (work / DONE).write_text(yaml.safe_dump(done, sort_keys=False))
         if final.exists():
             shutil.rmtree(final)
         work.rename(final)
     return final, False
 
 
-def stage_facts(stage_dir: Path) -> dict[str, Any]:
+def stage_record(stage_dir: Path) -> dict[str, Any]:
+    """What ``stage.yaml`` recorded: the stage's key, config slice, facts and compute seconds."""
     return yaml.safe_load((Path(stage_dir) / DONE).read_text())

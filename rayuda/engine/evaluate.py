@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rayuda.losses import entropy_map
 from rayuda.metrics import Evaluator
+from rayuda.models.predict import predict_logits
 
 
 def cityscapes_palette(num_classes: int) -> np.ndarray:
@@ -21,12 +22,6 @@ def cityscapes_palette(num_classes: int) -> np.ndarray:
     for train_id in range(num_classes):
         palette[train_id] = trainId2label[train_id].color if train_id in trainId2label else (0, 0, 0)
     return palette
-
-
-def _logits_at(model: torch.nn.Module, images: torch.Tensor, size) -> torch.Tensor:
-    """The main classifier's logits, upsampled (bilinear) to the label ``size``."""
-    logits = model(images).logits["main"].float()
-    return torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
@@ -51,12 +46,12 @@ def evaluate(
     palette = cityscapes_palette(num_classes) if num_masks else None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        logits = _logits_at(model, images, labels.shape[-2:])
+        logits = predict_logits(model, images, labels.shape[-2:])
         evaluator.update(logits, labels)
         ent = entropy_map(torch.softmax(logits, dim=1))
         entropy_sum += float(ent.sum())
         pixels += ent.numel()
-        mirrored = _logits_at(model, images.flip(-1), labels.shape[-2:]).flip(-1)
+        mirrored = predict_logits(model, images, labels.shape[-2:], mirrored=True)
         agree += int((mirrored.argmax(1) == logits.argmax(1)).sum())
         if masks_dir is not None and saved < num_masks:
             masks_dir.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,37 @@
-"""``run_pipeline``: a method's stages, end to end — the single entry point of ``rayuda.train`` and of
-every Ray Tune trial."""
+"""``run_pipeline``: a method's stage plan, end to end — the single entry point of ``rayuda.train`` and of
+every Ray Tune trial.
+
+Each stage of the plan (``Method.plan``) runs in its own folder of the stage cache, keyed by a hash of
+its definition, the config slice it reads and its upstream stage's key (``rayuda.engine.plan``); a done
+stage is reused, an interrupted one resumes. Reported stages report each evaluation on one step axis
+(iterations counted across reported stages); a cached reported stage replays its recorded evaluations.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import Subset
 
-from rayuda.config import BASE_DEFAULTS, flatten, resolve_config, save_config
-from rayuda.data import open_dataset
+from rayuda.config import ConfigError, flatten, save_config
+from rayuda.data import open_dataset, with_pseudo_labels
 from rayuda.data.transforms import Transform
-from rayuda.engine.cache import cached_stage, stage_facts
+from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
-from rayuda.engine.loop import Report, StageData, train_stage
-from rayuda.methods import get_method
-from rayuda.methods.source_only import SourceOnly
+from rayuda.engine.loop import Report, Runtime, StageData, train_stage
+from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
+from rayuda.engine.plan import check_plan, stage_identity, stage_key, stage_slice
+from rayuda.methods import plan_of, resolve_config
+from rayuda.methods.base import Stage
 from rayuda.models import build_segmenter
 
 
@@ -34,40 +45,113 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _train_transform(data_cfg: dict) -> Transform:
+@dataclass
+class PlanRun:
+    """What a run of a plan has so far: each done stage's folder, and the reported evaluations."""
+
+    cfg: dict[str, Any]
+    runtime: Runtime
+    class_names: list[str]
+    dirs: dict[str, Path] = field(default_factory=dict)
+    last_train: str | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _train_transform(data_cfg) -> Transform:
     return Transform(size=data_cfg["size"], crop=data_cfg["crop"], flip=data_cfg["flip"], jitter=data_cfg["jitter"])
 
 
-def build_data(cfg: dict[str, Any], *, source_spec: str | None = None) -> StageData:
-    """Source train set, unlabelled target train set and the labelled target holdout of a config."""
-    protocol, seed = cfg["protocol"], cfg["seed"]
-    train_tf = _train_transform(cfg["data"])
-    eval_tf = Transform(size=cfg["data"]["size"])
-    source = open_dataset(source_spec or cfg["source"], "train", role="source", protocol=protocol,
-                          transform=train_tf, seed=seed)
-    target = open_dataset(cfg["target"], "train", role="target", protocol=protocol, transform=train_tf, seed=seed)
-    holdout = open_dataset(cfg["target"], "val", role="target", protocol=protocol, transform=eval_tf, seed=seed)
+def _eval_transform(data_cfg) -> Transform:
+    return Transform(size=data_cfg["size"])
+
+
+def _params(cfg, stage: Stage) -> dict[str, Any]:
+    """The knobs a stage reads as ``ctx.params`` (the sub-tree at ``stage.params``)."""
+    node = cfg
+    for part in stage.params.split(".") if stage.params else ():
+        node = node[part]
+    return node if stage.params else {}
+
+
+def _train_set(run: PlanRun, cfg, what: str | None, transform: Transform):
+    """The dataset a train stage names: ``source``, ``target`` or ``STAGE:SUBSET`` (pseudo-labelled)."""
+    if what is None:
+        return None
+    if what in ("source", "target"):
+        return open_dataset(cfg[what], "train", role=what, protocol=cfg["protocol"], transform=transform,
+                            seed=cfg["seed"])
+    ref, _, subset = what.partition(":")
+    target = open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"], transform=transform,
+                          seed=cfg["seed"])
+    stats = json.loads((run.dirs[ref] / STATS).read_text())
+    if subset not in stats["subsets"]:
+        raise ConfigError(f"stage {ref!r} made no subset {subset!r}; it made {sorted(stats['subsets'])}")
+    return with_pseudo_labels(target, run.dirs[ref] / LABELS, stats["subsets"][subset], what)
+
+
+def _holdout(cfg):
+    holdout = open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"],
+                           transform=_eval_transform(cfg["data"]), seed=cfg["seed"])
     if cfg["data"]["holdout"] is not None:
         holdout = Subset(holdout, range(min(int(cfg["data"]["holdout"]), len(holdout))))
-    return StageData(source=source, target=target, holdout=holdout, class_names=list(source.class_names))
+    return holdout
 
 
-def source_stage_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines the source-only warm start — and nothing else (its cache key)."""
-    data = {k: v for k, v in cfg["data"].items() if k not in ("holdout", "num_workers")}
-    optim = {k: cfg["optim"][k] for k in ("momentum", "weight_decay", "power")}
-    return {
-        "source": cfg["source"],
-        "protocol": cfg["protocol"],
-        "seed": cfg["seed"],
-        "data": data,
-        "model": cfg["model"],
-        "optim": optim,
-        "warm_start": cfg["warm_start"],
-        # the holdout only affects the stage's reported score, but keep it so that score is true
-        "target": cfg["target"],
-        "holdout": cfg["data"]["holdout"],
-    }
+def _load_model(run: PlanRun, cfg, stage_name: str | None) -> torch.nn.Module:
+    """G built from ``model`` (its ``init`` applied), with the final weights of train stage ``stage_name``."""
+    model = build_segmenter(cfg["model"], len(run.class_names))
+    if stage_name is not None:
+        model.load_state_dict(load_checkpoint(run.dirs[stage_name] / "model.pt"))
+    return model.to(run.runtime.device)
+
+
+def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: Report | None) -> dict[str, Any]:
+    seed = int(cfg["seed"]) + index
+    seed_everything(seed)
+    init = {"upstream": run.last_train, "model.init": None}.get(stage.init, stage.init)
+    model = _load_model(run, cfg, init)
+    train_tf = _train_transform(cfg["data"])
+    frozen = {"teacher": _load_model(run, cfg, stage.teacher)} if stage.teacher else {}
+    data = StageData(source=_train_set(run, cfg, stage.source, train_tf),
+                     target=_train_set(run, cfg, stage.target, train_tf),
+                     holdout=_holdout(cfg) if stage.reported else None, class_names=run.class_names, frozen=frozen)
+    seed_everything(seed)
+    result = train_stage(label=stage.name, config=cfg, params=_params(cfg, stage), method=stage.step(), model=model,
+                         data=data, work_dir=work_dir, runtime=run.runtime, report=report)
+    keep = ("miou", "score", "best_score", "best_iteration")
+    return {"iterations": int(cfg["stages"][stage.name]["iters"]), **{k: result[k] for k in keep if k in result}}
+
+
+def _pseudo_labels(run: PlanRun, stage: Stage, cfg, work_dir: Path) -> dict[str, Any]:
+    model = _load_model(run, cfg, run.last_train)
+    dataset = open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"],
+                           transform=_eval_transform(cfg["data"]))
+    labeller = stage.labeller(_params(cfg, stage), len(run.class_names))
+    return pseudo_label_pass(model, dataset, labeller, work_dir, device=run.runtime.device)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to (or, across file systems, a copy of) ``src``."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run of ``cfg`` in ``out_dir``; refuse an ``out_dir`` of another config."""
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.exists():
+        return None
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    if saved != cfg:
+        old, new = flatten(saved), flatten(cfg)
+        differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+        raise ConfigError(f"{out_dir} holds a run of another config (differs in {', '.join(differ[:8])}); "
+                          f"choose another --out, or remove {out_dir} to start over")
+    summary = out_dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else None
 
 
 def run_pipeline(
@@ -78,80 +162,114 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run ``config``'s method end to end into ``out_dir`` and return its summary.
 
-    Stages: the cached source-only warm start (unless ``warm_start`` is null), then the method's own
-    stage. ``out_dir`` receives ``config.yaml`` (the resolved config), ``checkpoint.pt`` (resumable),
-    ``log.jsonl`` (losses per iteration), ``best_model.pt``/``model.pt`` and ``summary.json``.
-    Calling it again on the same ``out_dir`` resumes from the last checkpoint.
+    ``out_dir`` receives ``config.yaml`` (the resolved config), ``summary.json`` (metrics and every stage's
+    key, cache hit/miss and seconds), and ``best_model.pt`` / ``model.pt`` (links into the stage cache).
+    Calling it again on an unfinished ``out_dir`` resumes; on a finished one it returns the summary.
     """
     start_time = time.time()
     config = copy.deepcopy(config)
-    method_name = config.pop("method")
-    cfg = resolve_config(method_name, flatten(config))
+    method = config.pop("method")
+    cfg = resolve_config(method, flatten(config))
     out_dir = Path(out_dir)
+    done = _finished(cfg, out_dir)
+    if done is not None:
+        print(f"[{method}] {out_dir} already holds this finished run; not training again", flush=True)
+        return done
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    plan = plan_of(cfg)
+    check_plan(plan, cfg)
 
-    device = pick_device(cfg["train"]["device"])
-    data = build_data(cfg)
-    num_classes = len(data.class_names)
-    seed_everything(cfg["seed"])
-    model = build_segmenter(cfg["model"], num_classes).to(device)
-    print(f"[{method_name}] {cfg['source']} → {cfg['target']} on {device}, seed {cfg['seed']}, out {out_dir}",
-          flush=True)
+    train = cfg["train"]
+    runtime = Runtime(device=pick_device(train["device"]), num_workers=cfg["data"]["num_workers"],
+                      log_every=train["log_every"], checkpoint_every=train["eval_every"])
+    class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
+    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names)
+    reported = [s for s in plan if s.reported]
+    total = sum(int(cfg["stages"][s.name]["iters"]) for s in reported)
+    print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
+          f"[{method}] plan: " + " → ".join(s.name + (" (reported)" if s.reported else "") for s in plan)
+          + f"; {total} reported iterations", flush=True)
 
-    stages: list[dict[str, Any]] = []
-    if cfg["warm_start"] is not None and not (out_dir / "checkpoint.pt").exists():
-        stages.append(_warm_start(cfg, model, data, device, cache_dir))
+    records, upstream, offset = [], None, 0
+    for index, stage in enumerate(plan):
+        slc = stage_slice(cfg, stage)
+        key = stage_key(stage, slc, upstream)
+        tic = time.time()
+        tag = f"[stage {index + 1}/{len(plan)} {stage.name}]"
+        iters = int(slc["stages"][stage.name]["iters"]) if stage.kind == "train" else 0
 
-    method = get_method(method_name)()
-    seed_everything(cfg["seed"] + 1)
-    tic = time.time()
-    final = train_stage(config=cfg, method=method, model=model, data=data, iters=cfg["train"]["iters"],
-                        lr=cfg["optim"]["lr"], work_dir=out_dir, device=device, report=report)
-    stages.append({"stage": method_name, "seconds": round(time.time() - tic, 2)})
+        def stage_report(metrics, report_dir, stage=stage, offset=offset, iters=iters):
+            metrics = {**metrics, "iteration": offset + metrics["iteration"], "stage": stage.name,
+                       "stage_iteration": metrics["iteration"]}
+            if stage is reported[-1] and metrics["stage_iteration"] == iters:
+                metrics["last_report"] = True  # the trial's final report: the search driver needs no guess
+            run.evals.append(metrics)
+            if report is not None:
+                report(metrics, report_dir)
 
+        if stage.kind == "train" and iters == 0 and not stage.reported:
+            records.append({"stage": stage.name, "kind": stage.kind, "key": key, "cache": "skipped", "dir": None,
+                            "seconds": 0.0})
+            print(f"{tag} skipped (0 iterations)", flush=True)
+            upstream = key
+            continue
+
+        def compute(work_dir, stage=stage, index=index, slc=slc, stage_report=stage_report):
+            if stage.kind == "train":
+                return _train(run, stage, index, slc, work_dir, stage_report if stage.reported else None)
+            return _pseudo_labels(run, stage, slc, work_dir)
+
+        print(f"{tag} key {key}", flush=True)
+        stage_dir, hit = cached_stage(cache_dir, stage.name, key,
+                                      {"identity": stage_identity(stage), "config": slc.plain(), "upstream": upstream},
+                                      compute)
+        if hit and stage.reported:
+            lines = (stage_dir / "evals.jsonl").read_text().splitlines()
+            for n, line in enumerate(lines):
+                stage_report(json.loads(line), stage_dir / "report" if n == len(lines) - 1 else None)
+        recorded = stage_record(stage_dir)
+        seconds = round(time.time() - tic, 2)
+        records.append({"stage": stage.name, "kind": stage.kind, "key": key, "cache": "hit" if hit else "miss",
+                        "dir": str(stage_dir), "seconds": seconds, "compute_seconds": recorded["seconds"],
+                        **{k: v for k, v in recorded["facts"].items() if k != "iterations"}})
+        print(f"{tag} {'cache hit' if hit else 'computed'} in {seconds:.1f} s (computing it took "
+              f"{recorded['seconds']:.1f} s): {stage_dir}", flush=True)
+        run.dirs[stage.name] = stage_dir
+        if stage.kind == "train":
+            run.last_train = stage.name
+        if stage.reported:
+            offset += iters
+        upstream = key
+
+    return _summarise(run, method, records, out_dir, start_time, total)
+
+
+def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: float, total: int) -> dict[str, Any]:
+    """``summary.json``: the last evaluation, the best one (its model linked as ``best_model.pt``), the stages."""
+    cfg, evals = run.cfg, run.evals
+    last = evals[-1]
+    best = max(evals, key=lambda m: m["score"])
+    _link(run.dirs[best["stage"]] / "best_model.pt", out_dir / "best_model.pt")
+    _link(run.dirs[run.last_train] / "model.pt", out_dir / "model.pt")
     summary = {
-        "method": method_name,
-        "miou": final.get("miou", float("nan")),
-        "per_class_iou": {k[4:]: v for k, v in final.items() if k.startswith("iou/")},
-        "iterations": cfg["train"]["iters"],
+        "method": method,
+        "miou": last.get("miou", float("nan")),
+        "per_class_iou": {k[4:]: v for k, v in last.items() if k.startswith("iou/")},
+        "iterations": total,
         "seconds": round(time.time() - start_time, 2),
         "selection_metric": cfg["train"]["metric"],
-        "score": final["score"],
-        "best_score": final["best_score"],
-        "best_iteration": final["best_iteration"],
-        "target_entropy": final["target_entropy"],
-        "flip_agreement": final["flip_agreement"],
+        "score": last["score"],
+        "best_score": best["score"],
+        "best_iteration": best["iteration"],
+        "target_entropy": last["target_entropy"],
+        "flip_agreement": last["flip_agreement"],
         "seed": cfg["seed"],
-        "stages": stages,
+        "stages": records,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _warm_start(cfg, model, data, device, cache_dir) -> dict[str, Any]:
-    """Load the cached source-only stage into ``model``, training it first if no trial has yet."""
-    ws = cfg["warm_start"]
-    stage_cfg = source_stage_config(cfg)
-    tic = time.time()
-
-    def compute(work_dir: Path) -> dict[str, Any]:
-        seed_everything(cfg["seed"])
-        fresh = build_segmenter(cfg["model"], len(data.class_names)).to(device)
-        stage = {**copy.deepcopy(cfg), "train": {**cfg["train"], "eval_every": ws["iters"]}, "params": {}}
-        started = time.time()
-        result = train_stage(config=stage, method=SourceOnly(), model=fresh, data=data, iters=ws["iters"],
-                             lr=ws["lr"], work_dir=work_dir, device=device, label="source_only stage")
-        return {"miou": result.get("miou"), "iterations": ws["iters"], "seconds": round(time.time() - started, 2)}
-
-    stage_dir, hit = cached_stage(cache_dir, "source_only", stage_cfg, compute)
-    model.load_state_dict(load_checkpoint(stage_dir / "model.pt"))
-    facts = stage_facts(stage_dir)
-    print(f"[source_only stage] {'cache hit' if hit else 'trained'}: {stage_dir} (miou {facts.get('miou')})",
-          flush=True)
-    return {"stage": "source_only", "cache": "hit" if hit else "miss", "dir": str(stage_dir),
-            "seconds": round(time.time() - tic, 2)}
-
-
-__all__ = ["run_pipeline", "BASE_DEFAULTS"]
+__all__ = ["run_pipeline", "default_cache_dir", "pick_device"]

@@ -1,20 +1,52 @@
-"""The method registry: name → class. Adding a method = one module here + one ``search_spaces`` YAML."""
+"""The method registry: name → class. Adding a method = one module here + one ``search_spaces`` YAML.
+
+It is also where a method's defaults meet the base config: :func:`default_config` / :func:`resolve_config`
+hand ``rayuda.config`` the method's knobs and stage schedules.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from rayuda import config as _config
 from rayuda.methods.adaptsegnet import AdaptSegNet
 from rayuda.methods.advent import AdvEnt
-from rayuda.methods.base import Method
+from rayuda.methods.base import Method, Stage
 from rayuda.methods.cram import CRAM
 from rayuda.methods.fgdem import FGDEM
+from rayuda.methods.intrada import IntraDA
 from rayuda.methods.minent import MinEnt
 from rayuda.methods.source_only import SourceOnly
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SourceOnly, AdaptSegNet, AdvEnt, MinEnt, CRAM, FGDEM)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (SourceOnly, AdaptSegNet, AdvEnt, MinEnt, CRAM, FGDEM, IntraDA)
+}
 
 
 def get_method(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
+        raise _config.ConfigError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
+
+
+def default_config(name: str) -> dict[str, Any]:
+    """The full default config of method ``name``: base defaults, its paper knobs and its stage schedules."""
+    cls = get_method(name)
+    return _config.default_config(name, cls.defaults, cls.schedules())
+
+
+def resolve_config(
+    name: str, overrides: dict[str, Any] | None = None, config_file: str | Path | None = None
+) -> dict[str, Any]:
+    """Defaults of method ``name`` ← ``config_file`` ← dotted ``overrides``; validated."""
+    return _config.resolve_config(default_config(name), overrides, config_file)
+
+
+def plan_of(cfg: dict[str, Any]) -> list[Stage]:
+    """The stage plan of a resolved config."""
+    return get_method(cfg["method"]).plan(cfg["params"])
+
+
+__all__ = ["METHODS", "Method", "Stage", "default_config", "get_method", "plan_of", "resolve_config"]

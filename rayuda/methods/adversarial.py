@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from rayuda.engine.context import ADV_LEVEL_WEIGHT, TrainContext
 from rayuda.losses import bce_adversarial
 from rayuda.methods.base import SOURCE, TARGET, Method, image_size
+from rayuda.methods.context import ADV_LEVEL_WEIGHT, TrainContext
 from rayuda.models import OutputDiscriminator
 
 
@@ -21,15 +21,17 @@ class OutputSpaceAdversarial(Method):
     """
 
     defaults = {"w_adv": 1.0e-3}
+    has_discriminators = True
 
-    def map_channels(self, num_classes: int) -> int:
-        return num_classes
+    def map_channels(self, ctx: TrainContext) -> int:
+        return ctx.num_classes
 
     def discriminator_input(self, ctx: TrainContext, prob: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def discriminators(self, ctx):
-        return {lvl: OutputDiscriminator(self.map_channels(ctx.num_classes)) for lvl in ctx.levels}
+    def setup(self, ctx):
+        for lvl in ctx.levels:
+            ctx.discriminators[lvl] = OutputDiscriminator(self.map_channels(ctx))
 
     def domain_maps(self, ctx, output, size) -> dict[str, torch.Tensor]:
         return {lvl: self.discriminator_input(ctx, ctx.probs(output, lvl, size)) for lvl in ctx.levels}

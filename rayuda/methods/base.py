@@ -1,34 +1,106 @@
-"""The method interface: a method is its knobs, the discriminators it needs, and one training step."""
+"""The method interface: a method is its knobs, its stage plan, the networks it adds and one training step.
+
+A *plan* is a list of :class:`Stage` s, declared as data; the engine (``rayuda.engine``) runs any plan,
+caching every stage under a key derived from exactly the config it reads. Single-stage methods keep the
+default plan — the shared source-only stage, then the method's own stage, reported to the search.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import nn
-
-from rayuda.engine.context import TrainContext
+from rayuda.methods.context import TrainContext
 
 SOURCE, TARGET = 1.0, 0.0  # discriminator labels (AdvEnt convention: source = 1)
+
+#: The schedule of a method's own stage on the CPU default (``stages.<name>.iters`` / ``.lr``). The lr is 10×
+#: the papers' 2.5e-4: their runs last ~100k iterations from ImageNet weights; here a 400-iteration stage
+#: after the source-only stage, where 2.5e-4 barely moves the model (docs/BENCHMARKS.md).
+DEFAULT_SCHEDULE = {"iters": 400, "lr": 2.5e-3}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a plan.
+
+    Attributes:
+        name: the stage's name; its schedule is ``stages.<name>`` (train stages) and its folder
+            ``<name>-<key>`` in the stage cache.
+        kind: ``"train"`` (a loop of ``step.train_step``) or ``"pseudo_labels"`` (one eval-mode pass over
+            target-train with ``labeller``, writing label PNGs and statistics).
+        step: the :class:`Method` whose ``train_step`` trains the stage (train stages).
+        labeller: the :class:`rayuda.pseudo.PseudoLabeller` of a pseudo-label stage.
+        params: dotted config path of the knobs the stage reads as ``ctx.params`` (``None``: no knobs).
+        source, target: what the stage trains on: ``"source"`` / ``"target"`` (the configured train
+            sets), ``"STAGE:SUBSET"`` (target-train images of a pseudo-label stage's subset, labelled with
+            its PNGs), or ``None`` (no second domain).
+        init: where G's weights start: ``"upstream"`` (the previous train stage's final model, or
+            ``model.init`` for the first), ``"model.init"``, or the name of an earlier train stage.
+        teacher: an earlier train stage whose final model the stage holds frozen as ``ctx.frozen["teacher"]``.
+        reported: the stage's evaluations are reported to the search (its iterations count on the
+            trial's step axis); unreported stages are never evaluated with target labels.
+    """
+
+    name: str
+    kind: str = "train"
+    step: type[Method] | None = None
+    labeller: type | None = None
+    params: str | None = "params"
+    source: str | None = "source"
+    target: str | None = "target"
+    init: str = "upstream"
+    teacher: str | None = None
+    reported: bool = False
+
+
+#: The source-only stage every plan starts from; its key does not depend on the method, so all methods
+#: (and all trials of a search) share it.
+def source_only_stage() -> Stage:
+    from rayuda.methods.source_only import SourceOnly
+
+    return Stage("source_only", step=SourceOnly, params=None, target=None)
 
 
 class Method:
     """Base of every UDA method.
 
-    Subclasses set ``name`` and ``defaults`` (their knobs, at the paper's values; config ``params.*``)
-    and implement :meth:`train_step`, the update order of one iteration readable top to bottom.
+    Subclasses set ``name`` and ``defaults`` (their knobs at the paper's values; config ``params.*``) and
+    implement :meth:`train_step`, the update order of one iteration readable top to bottom. Multi-stage
+    methods override :meth:`plan` and :meth:`schedules` instead. ``version`` is part of every cache key of a
+    stage this method trains: bump it when a change alters what the stage computes.
     """
 
     name: ClassVar[str]
+    version: ClassVar[int] = 1
     defaults: ClassVar[dict[str, Any]] = {}
-    uses_target: ClassVar[bool] = True
+    #: whether ``setup`` adds discriminators (their optimiser settings then enter the stage's cache key)
+    has_discriminators: ClassVar[bool] = False
 
-    def discriminators(self, ctx: TrainContext) -> dict[str, nn.Module]:
-        """The discriminators this method trains (keyed by name); none by default."""
+    @classmethod
+    def schedules(cls) -> dict[str, dict[str, Any]]:
+        """Default ``stages.<name>`` schedules of the train stages this method adds (beyond source_only)."""
+        return {cls.name: dict(DEFAULT_SCHEDULE)}
+
+    @classmethod
+    def plan(cls, params: dict[str, Any]) -> list[Stage]:
+        """The stages of this method for knobs ``params``: source-only, then the method's own stage."""
+        return [source_only_stage(), Stage(cls.name, step=cls, reported=True)]
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once per stage on the real context, before the optimisers are built: add discriminators
+        (``ctx.discriminators[name] = ...``) or frozen modules. Nothing by default."""
+
+    def train_step(self, ctx: TrainContext, source: dict, target: dict | None) -> dict[str, Any]:
+        """One iteration: update the networks, return the losses to log (tensors or floats)."""
+        raise NotImplementedError(f"{type(self).__name__} trains no stage itself; it declares a plan")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that must survive a resume (saved in every checkpoint); none by default."""
         return {}
 
-    def train_step(self, ctx: TrainContext, source: dict, target: dict | None) -> dict[str, float]:
-        """One iteration: update the networks, return the losses to log (plain floats)."""
-        raise NotImplementedError
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 def image_size(batch: dict) -> tuple[int, int]:

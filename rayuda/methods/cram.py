@@ -42,19 +42,19 @@ class CRAM(OutputSpaceAdversarial):
         "sfa": True,
     }
 
-    def map_channels(self, num_classes):
-        return 1 if self._summed else num_classes
+    def map_channels(self, ctx):
+        return 1 if ctx.params["ce_channels"] == "summed" else ctx.num_classes
 
-    def discriminators(self, ctx):
-        self._summed = ctx.params["ce_channels"] == "summed"
-        return super().discriminators(ctx) if ctx.params["cea"] else {}
+    def setup(self, ctx):
+        if ctx.params["cea"]:
+            super().setup(ctx)
 
     def discriminator_input(self, ctx, prob):
         if ctx.params["entropy"] == "shannon":
             maps = weighted_self_information(prob)
         else:
             maps = confidence_aware_entropy(prob, per_class=True)
-        return maps.sum(1, keepdim=True) if self._summed else maps
+        return maps.sum(1, keepdim=True) if ctx.params["ce_channels"] == "summed" else maps
 
     def train_step(self, ctx, source, target):
         p = ctx.params

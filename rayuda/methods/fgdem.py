@@ -37,14 +37,11 @@ class FGDEM(Method):
         "temperature": 1.8,
         "clamp": 0.9,
     }
+    has_discriminators = True
 
-    def discriminators(self, ctx):
-        was_training = ctx.model.training
-        ctx.model.eval()
-        with torch.no_grad():
-            channels = deepest_features(ctx.model(torch.zeros(1, 3, 64, 64, device=ctx.device))).shape[1]
-        ctx.model.train(was_training)
-        return {"fine": FineGrainedDiscriminator(channels, ctx.num_classes)}
+    def setup(self, ctx):
+        channels = ctx.feature_channels[max(ctx.feature_channels)]  # the deepest layer's
+        ctx.discriminators["fine"] = FineGrainedDiscriminator(channels, ctx.num_classes)
 
     def train_step(self, ctx, source, target):
         p = ctx.params

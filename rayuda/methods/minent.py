@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rayuda.engine.context import ADV_LEVEL_WEIGHT
 from rayuda.losses import entropy_loss
 from rayuda.methods.base import Method, image_size
+from rayuda.methods.context import ADV_LEVEL_WEIGHT
 
 
 class MinEnt(Method):

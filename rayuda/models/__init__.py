@@ -15,6 +15,7 @@ from rayuda.models.discriminators import (
     StyleDiscriminator,
     style_vector,
 )
+from rayuda.models.predict import predict_logits, upsample_logits
 from rayuda.models.weights import (
     apply_init,
     imagenet_checkpoint_paths,
@@ -39,5 +40,7 @@ __all__ = [
     "load_imagenet_weights",
     "load_weights",
     "param_groups",
+    "predict_logits",
     "style_vector",
+    "upsample_logits",
 ]

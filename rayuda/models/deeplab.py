@@ -198,6 +198,11 @@ class DeepLabV2(nn.Module):
         self.freeze_bn = False
         self.set_freeze_bn(freeze_bn)
 
+    @property
+    def feature_channels(self) -> dict[str, int]:
+        """Channels of each feature map in ``SegOutput.features`` (what discriminators are built for)."""
+        return dict(self.backbone.channels)
+
     def set_freeze_bn(self, flag: bool) -> None:
         """Freeze (or unfreeze) the backbone's BatchNorm: eval mode and ``requires_grad=False``."""
         self.freeze_bn = bool(flag)

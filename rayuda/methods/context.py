@@ -1,7 +1,8 @@
 """What a method's ``train_step`` works with: the networks, their optimisers and the shared steps.
 
 A method says *what* its losses are and in which order the networks are updated; the context owns
-*how* (optimisers, mixed precision, freezing discriminators while G learns, level weights).
+*how* (optimisers, mixed precision, freezing discriminators while G learns, level weights). The engine
+builds one context per training stage and hands it to :meth:`Method.setup` and every ``train_step``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rayuda.losses import seg_cross_entropy
+from rayuda.models.predict import upsample_logits
 
 #: Multi-level DeepLab (AdaptSegNet/AdvEnt): the auxiliary (layer3) output's share of each loss.
 SEG_LEVEL_WEIGHT = {"main": 1.0, "aux": 0.1}
@@ -28,26 +29,41 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 @dataclass
 class TrainContext:
+    """One training stage's state.
+
+    ``config`` is the stage's slice of the run config (reading a key outside it raises), ``params`` the
+    knobs of the stage's method. ``frozen`` holds modules the stage uses but never trains (e.g. a teacher
+    from an earlier stage): eval mode, no gradients, in no optimiser.
+    """
+
     config: dict[str, Any]
     model: nn.Module
-    discriminators: nn.ModuleDict
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer | None
     device: torch.device
     num_classes: int
+    params: dict[str, Any] = field(default_factory=dict)
+    discriminators: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    opt_g: torch.optim.Optimizer | None = None
+    opt_d: torch.optim.Optimizer | None = None
     iteration: int = 0
     scaler: torch.amp.GradScaler | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The method's knobs (``config.params``)."""
-        return self.config["params"]
 
     @property
     def levels(self) -> list[str]:
         """Output levels of G: ``["main"]`` or ``["main", "aux"]`` for multi-level DeepLab."""
-        return self.extras["levels"]
+        return ["main", "aux"] if self.config["model"]["multi_level"] else ["main"]
+
+    @property
+    def feature_channels(self) -> dict[str, int]:
+        """Channels of G's feature maps (``layer1`` …), read from the model, no forward pass needed."""
+        return self.model.feature_channels
+
+    def freeze(self, name: str, module: nn.Module) -> nn.Module:
+        """Register ``module`` as frozen: eval mode, no gradients; it never enters an optimiser."""
+        module.eval()
+        set_requires_grad(module, False)
+        self.frozen[name] = module
+        return module
 
     def autocast(self):
         if self.scaler is not None:
@@ -61,7 +77,7 @@ class TrainContext:
 
     def logits(self, output, level: str, size: tuple[int, int]) -> torch.Tensor:
         """Logits of ``level`` upsampled bilinearly to ``size`` (the input / label size)."""
-        return F.interpolate(output.logits[level].float(), size=size, mode="bilinear", align_corners=False)
+        return upsample_logits(output.logits[level], size)
 
     def probs(self, output, level: str, size: tuple[int, int]) -> torch.Tensor:
         return torch.softmax(self.logits(output, level, size), dim=1)

@@ -1,0 +1,155 @@
+"""A plan's stages as the engine sees them: the config slice each stage reads, its chained cache key,
+and the trial's step axis (iterations counted across reported stages).
+
+A stage receives *only* its slice (a :class:`ConfigSlice`): reading any other key raises, so a setting can
+never influence a stage without being part of its cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from rayuda.config import ConfigError
+from rayuda.methods import plan_of
+from rayuda.methods.base import Stage
+
+#: Bump when the engine changes what any stage computes (invalidates every cache entry).
+ENGINE_VERSION = 1
+
+#: What every train stage reads: seeds, the transform, G's architecture and init, the optimiser.
+TRAIN_KEYS = ("seed", "protocol", "data.batch_size", "data.size", "data.crop", "data.flip", "data.jitter",
+              "model", "optim.momentum", "optim.weight_decay", "optim.power", "train.amp")
+#: Read by train stages whose method adds discriminators.
+ADVERSARIAL_KEYS = ("optim.lr_d", "optim.betas")
+#: Read by reported stages only: their evaluations on the labelled target holdout.
+EVALUATION_KEYS = ("target", "data.holdout", "train.metric", "train.eval_every", "train.num_masks")
+#: What a pseudo-label pass reads: the target images at the evaluation size, and G's architecture.
+PASS_KEYS = ("protocol", "target", "data.size", "model")
+
+
+class StageConfigError(ConfigError):
+    """A stage read a config key outside its slice (its cache key would not cover the key)."""
+
+
+class ConfigSlice(dict):
+    """A read-only-by-convention view of part of a config; a missing key raises :class:`StageConfigError`."""
+
+    def __init__(self, data: dict[str, Any], stage: str, path: str = ""):
+        super().__init__({k: ConfigSlice(v, stage, f"{path}{k}.") if isinstance(v, dict) else v
+                          for k, v in data.items()})
+        self.stage, self.path = stage, path
+
+    def __missing__(self, key: str):
+        raise StageConfigError(
+            f"stage {self.stage!r} read config key {self.path}{key!r}, which is not in its slice (so its cache "
+            f"key does not cover it); declare it in rayuda/engine/plan.py")
+
+    def plain(self) -> dict[str, Any]:
+        return {k: v.plain() if isinstance(v, ConfigSlice) else v for k, v in self.items()}
+
+
+def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _insert(out: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        out = out.setdefault(part, {})
+    out[leaf] = value
+
+
+def stage_keys(stage: Stage) -> list[str]:
+    """The dotted config keys (or sub-trees) ``stage`` reads."""
+    if stage.kind == "pseudo_labels":
+        keys = list(PASS_KEYS)
+    else:
+        keys = [*TRAIN_KEYS, f"stages.{stage.name}"]
+        if "source" in (stage.source, stage.target):
+            keys.append("source")
+        if stage.target is not None or (stage.source or "").count(":"):
+            keys.append("target")
+        if stage.step.has_discriminators:
+            keys += ADVERSARIAL_KEYS
+        if stage.reported:
+            keys += EVALUATION_KEYS
+    if stage.params:
+        keys.append(stage.params)
+    return sorted(set(keys))
+
+
+def stage_slice(cfg: dict[str, Any], stage: Stage) -> ConfigSlice:
+    """Exactly the part of ``cfg`` that ``stage`` reads."""
+    out: dict[str, Any] = {}
+    for dotted in stage_keys(stage):
+        _insert(out, dotted, _lookup(cfg, dotted))
+    return ConfigSlice(out, stage.name)
+
+
+def stage_identity(stage: Stage) -> dict[str, Any]:
+    """Everything about a stage's definition that determines its output (beside its config slice)."""
+    code = stage.step or stage.labeller
+    return {"engine": ENGINE_VERSION, "name": stage.name, "kind": stage.kind, "code": code.name,
+            "version": code.version, "source": stage.source, "target": stage.target, "init": stage.init,
+            "teacher": stage.teacher, "reported": stage.reported}
+
+
+def stage_key(stage: Stage, config_slice: ConfigSlice, upstream: str | None) -> str:
+    """hash(stage definition and code version, its config slice, its upstream stage's key)."""
+    text = json.dumps({"stage": stage_identity(stage), "config": config_slice.plain(), "upstream": upstream},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
+    """Refuse a plan the engine cannot run, before any compute: unknown kinds, missing schedules, references
+    to stages that do not come earlier, no reported stage."""
+    seen: dict[str, Stage] = {}
+    for stage in plan:
+        where = f"{cfg['method']} plan, stage {stage.name!r}"
+        if stage.name in seen:
+            raise ConfigError(f"{where}: the name is used twice")
+        if stage.kind == "train":
+            if stage.step is None:
+                raise ConfigError(f"{where}: a train stage needs a step method")
+            if stage.name not in cfg["stages"]:
+                raise ConfigError(f"{where}: no schedule stages.{stage.name} in the config")
+            for role in (stage.source, stage.target):
+                if role and ":" in role:
+                    ref, _, _ = role.partition(":")
+                    if seen.get(ref) is None or seen[ref].kind != "pseudo_labels":
+                        raise ConfigError(f"{where}: {role!r} needs an earlier pseudo_labels stage {ref!r}")
+                elif role not in (None, "source", "target"):
+                    raise ConfigError(f"{where}: data {role!r} is not source, target or STAGE:SUBSET")
+            for ref in {stage.init, stage.teacher} - {None, "upstream", "model.init"}:
+                if seen.get(ref) is None or seen[ref].kind != "train":
+                    raise ConfigError(f"{where}: {ref!r} is not an earlier train stage")
+        elif stage.kind == "pseudo_labels":
+            if stage.labeller is None:
+                raise ConfigError(f"{where}: a pseudo_labels stage needs a labeller")
+            if not any(s.kind == "train" for s in seen.values()):
+                raise ConfigError(f"{where}: a pseudo_labels stage needs an earlier train stage's model")
+        else:
+            raise ConfigError(f"{where}: unknown kind {stage.kind!r} (train or pseudo_labels)")
+        seen[stage.name] = stage
+    if not any(s.reported for s in plan):
+        raise ConfigError(f"{cfg['method']} plan reports no stage to the search")
+
+
+def reported_stages(cfg: dict[str, Any]) -> list[Stage]:
+    return [s for s in plan_of(cfg) if s.reported]
+
+
+def reported_iterations(cfg: dict[str, Any]) -> int:
+    """The trial's step axis: iterations summed over the reported stages (ASHA's ``max_t``)."""
+    return sum(int(cfg["stages"][s.name]["iters"]) for s in reported_stages(cfg))
+
+
+def final_stage(cfg: dict[str, Any]) -> str:
+    """The last reported stage (what ``--iters`` sets)."""
+    return reported_stages(cfg)[-1].name
