@@ -4,8 +4,9 @@
     python bench/calibrate.py --methods cram fgdem --seeds 0 1 2 --set ...
 
 ``oracle`` is ``source_only`` trained on the *target* training labels (minicity:target as source).
-Variants for ablations: ``NAME=method:key=value,key=value`` e.g. ``cram-no-sfa=cram:params.sfa=false``.
-Runs share one stage cache, so the source-only warm start is trained once per seed.
+Variants for ablations: ``NAME=method:key=value,key=value`` e.g. ``cram-no-sfa=cram:params.sfa=false``,
+``advent-800=advent:stages.advent.iters=800``. Runs share one stage cache, so every stage a variant shares with
+another (the source-only stage at least) is trained once per seed.
 Prints a Markdown table (mean ± std of target-val mIoU, wall time per run) and writes JSON.
 """
 
@@ -18,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from rayuda.config import parse_assignments, parse_value, resolve_config
+from rayuda.config import parse_assignments, parse_value
 from rayuda.engine import run_pipeline
+from rayuda.methods import resolve_config
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
             tic = time.time()
             summary = run_pipeline(cfg, out / f"{name}-seed{seed}", cache_dir=out / "stage-cache")
             rows.append({"seed": seed, "miou": summary["miou"], "seconds": time.time() - tic,
-                         "stage_seconds": summary["stages"][-1]["seconds"]})
+                         "stage_seconds": summary["stages"][-1]["seconds"],
+                         "stages": {s["stage"]: [s["cache"], s.get("compute_seconds")] for s in summary["stages"]}})
             print(f"== {name} seed {seed}: mIoU {100 * summary['miou']:.2f}", flush=True)
         results[name] = {"method": method, "overrides": overrides, "runs": rows}
     path = Path(args.json) if args.json else out / "results.json"

@@ -1,7 +1,7 @@
 """Search spaces as data: ``search_spaces/<method>.yaml`` → an Optuna define-by-run space.
 
 A space file names the method and its knobs. Each knob is a dotted config key (``params.w_adv``,
-``optim.lr``, ...) with a type and range, the paper's default and, optionally, a condition::
+``stages.cram.lr``, ...) with a type and range, the paper's default and, optionally, a condition::
 
     method: cram
     knobs:
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayuda.config import ConfigError, default_config, flatten, load_yaml
+from rayuda.config import ConfigError, flatten, load_yaml
+from rayuda.methods import default_config
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KNOB_TYPES = ("float", "int", "categorical")

@@ -5,9 +5,10 @@ need no MLflow access: the driver reads what trials write to the (shared) experi
 
 * child run: resolved config as params, every evaluation's metrics against the iteration (``miou``,
   ``iou/<class>``, ``loss/<name>``, ``target_entropy``, ``score``), the predicted masks of each
-  evaluation (Cityscapes palette), the best checkpoint, and a final status: ``FINISHED`` (ran to
-  ``max_iters``), ``KILLED`` (stopped early by ASHA, tag ``rayuda.outcome=early_stopped``) or
-  ``FAILED``.
+  evaluation (Cityscapes palette), the best checkpoint, every stage of the trial's plan (tag
+  ``rayuda.stage.<name>`` = cache hit/miss, metric ``stage_seconds/<name>``), and a final status:
+  ``FINISHED`` (its last stage reported its final evaluation), ``KILLED`` (stopped early by ASHA, tag
+  ``rayuda.outcome=early_stopped``) or ``FAILED``.
 * parent run: the search's settings, then (see ``rayuda.tune``) the best config, a trials CSV and
   Optuna plots.
 
@@ -42,14 +43,17 @@ def client_for(uri: str):
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
-    """The MLflow experiment ``name`` (created on first use; local stores keep artifacts beside the db)."""
+    """The MLflow experiment ``name`` (created on first use; local stores keep artifacts beside the db), tagged
+    as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`) so that MLflow 3's UI opens it on its runs."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG, "") in _GUESSED_KINDS:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -62,11 +66,21 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def outcome(result: dict[str, Any] | None, max_iters: int, error: bool = False) -> str:
-    """``finished`` if the trial reached ``max_iters``; ``early_stopped`` if ASHA stopped it before."""
+def outcome(result: dict[str, Any] | None, error: bool = False) -> str:
+    """``finished`` if the trial's last result is the engine's final report; ``early_stopped`` otherwise."""
     if error:
         return "failed"
-    return "finished" if result and int(result.get("iteration", 0)) >= max_iters else "early_stopped"
+    return "finished" if result and result.get("last_report") else "early_stopped"
+
+
+def stage_lines(summary_path: Path) -> dict[str, str]:
+    """``{stage: "hit 0.0 s"}`` from a trial's ``summary.json`` (empty if the trial wrote none)."""
+    if not Path(summary_path).is_file():
+        return {}
+    import json
+
+    stages = json.loads(Path(summary_path).read_text())["stages"]
+    return {s["stage"]: f"{s['cache']} {s['seconds']:.1f} s" for s in stages}
 
 
 class MlflowTracker(tune.Callback):
@@ -76,10 +90,10 @@ class MlflowTracker(tune.Callback):
     """
 
     def __init__(self, uri: str, experiment: str, search_id: str, run_name: str, base_config: dict[str, Any],
-                 max_iters: int, search_params: dict[str, Any], work_root: str):
+                 search_params: dict[str, Any], work_root: str):
         self.work_root = work_root
         self.uri, self.experiment, self.search_id, self.run_name = uri, experiment, search_id, run_name
-        self.base_config, self.max_iters, self.search_params = base_config, max_iters, search_params
+        self.base_config, self.search_params = base_config, search_params
         self._client = None
         self._experiment_id: str | None = None
         self._parent: str | None = None
@@ -170,7 +184,7 @@ class MlflowTracker(tune.Callback):
                 self.client.log_artifacts(self.child_run_id(trial), str(masks), f"masks/iter_{step:06d}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, outcome(trial.last_result, self.max_iters))
+        self._finish(trial, outcome(trial.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, "failed")
@@ -178,7 +192,11 @@ class MlflowTracker(tune.Callback):
     def _finish(self, trial, result: str) -> None:
         run_id = self.child_run_id(trial)
         self.client.set_tag(run_id, "rayuda.outcome", result)
-        best = Path(self.work_root) / "trials" / trial.trial_id / "best_model.pt"
+        trial_dir = Path(self.work_root) / "trials" / trial.trial_id
+        for stage, line in stage_lines(trial_dir / "summary.json").items():
+            self.client.set_tag(run_id, f"rayuda.stage.{stage}", line.split()[0])
+            self.client.log_metric(run_id, f"stage_seconds/{stage}", float(line.split()[1]))
+        best = trial_dir / "best_model.pt"
         if best.is_file():
             self.client.log_artifact(run_id, str(best), "checkpoint")
         self.client.set_terminated(run_id, OUTCOME_STATUS[result])
@@ -207,3 +225,101 @@ def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Pat
         client.log_metric(run_id, f"best/{key}", value)
     client.set_terminated(run_id, status)
     return run_id
+
+
+# -- from the search to use: the experiment's kind, the data a search ran on, the winner's model ------------------
+#: MLflow 3's experiment-kind tag: the UI opens a ``custom_model_development`` experiment on its runs table
+#: (without the tag it may guess GenAI and open on empty trace panels). The UI's own guesses (``*_inferred``,
+#: ``no_inferred_type``) are replaced; a kind a user chose is kept.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+_GUESSED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
+#: (H, W) of the input example logged with a model (G is exported for any H, W).
+EXAMPLE_SIZE = (32, 64)
+
+
+def dataset_input(spec: str, role: str, protocol: int):
+    """``spec`` as an MLflow :class:`~mlflow.entities.DatasetInput` (context tag ``role``: source / target).
+
+    Name: the spec; source: ``{"uri": spec}``; profile: image and labelled-image counts and the full digest;
+    digest: SHA-256 (first 12 hex digits) of the sorted list of the dataset's image and label files as
+    ``relative path<TAB>size in bytes`` lines, so renamed, added, removed or resized files change it.
+    """
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from rayuda.data import open_dataset
+
+    dataset = open_dataset(spec, "train", role=role, protocol=protocol)
+    root = Path(dataset.root)
+    lines = sorted(f"{path.relative_to(root)}\t{path.stat().st_size}"
+                   for pair in dataset.files for path in pair if path is not None)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    labelled = sum(label is not None for _, label in dataset.files)
+    profile = {"num_images": len(dataset.files), "num_labelled": labelled, "protocol": protocol, "sha256": digest}
+    entity = Dataset(name=spec, digest=digest[:12], source_type="local", source=json.dumps({"uri": spec}),
+                     profile=json.dumps(profile))
+    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", role)])
+
+
+def log_dataset_inputs(client, run_id: str, source_spec: str, target_spec: str, protocol: int) -> list:
+    """Log the source and target datasets as dataset inputs of run ``run_id`` (see :func:`dataset_input`);
+    returns the logged inputs, to log on more runs with ``client.log_inputs(run_id, datasets=...)``."""
+    inputs = [dataset_input(source_spec, "source", protocol), dataset_input(target_spec, "target", protocol)]
+    client.log_inputs(run_id, datasets=inputs)
+    return inputs
+
+
+def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool = True, *,
+                     weights: str = "best") -> str:
+    """Log G of the run or trial folder ``run_dir`` (its ``best_model.pt``; ``weights="final"``: ``model.pt``) as
+    the MLflow PyTorch model ``model`` of run ``run_id``, and with ``register`` as a new version of the registered
+    model ``rayuda-<method>``. Returns its URI: ``models:/rayuda-<method>/<version>``, else ``models:/<model id>``.
+
+    Format (choice): MLflow's ``pt2`` export (``torch.export``) of G mapping an ImageNet-normalised N×3×H×W float32
+    batch (any N, H, W) to N×C×H×W logits: MLflow checks it is pickle-free before loading, so
+    ``mlflow.pytorch.load_model`` runs no unpickled code. Beside it, in ``extra_files/``, the resolved
+    ``config.yaml`` and G's plain ``state_dict.pt``: ``rayuda.predict`` rebuilds G from them with
+    ``torch.load(weights_only=True)``, on any device. The pickle format is never used (loading it unpickles
+    arbitrary objects).
+    """
+    import shutil
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from rayuda.config import save_config
+    from rayuda.predict import MODEL_CONFIG, MODEL_STATE, LogitsModule, load_run, mlflow_uri
+
+    run = load_run(run_dir, weights)
+    method, names = run.config["method"], run.class_names
+    example = np.random.default_rng(0).standard_normal((2, 3, *EXAMPLE_SIZE)).astype(np.float32)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names), -1, -1))]))
+    metadata = {"rayuda": {"method": method, "protocol": run.config["protocol"], "classes": names,
+                           "data_size": run.config["data"]["size"],
+                           "input": "RGB scaled to [0, 1], ImageNet mean/std normalised, N×3×H×W float32; "
+                                    "resize to data_size first when set, as in training"}}
+    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory(prefix="rayuda-model-") as tmp, mlflow_uri(uri):
+        save_config(run.config, Path(tmp) / MODEL_CONFIG)
+        shutil.copyfile(run.weights, Path(tmp) / MODEL_STATE)
+        logged = mlflow.MlflowClient(uri).create_logged_model(  # in the run's experiment, not the active one
+            experiment_id, name="model", source_run_id=run_id,
+            tags={"rayuda.method": method, "rayuda.run_dir": str(run_dir), "rayuda.weights": Path(run.weights).name},
+            params={k: str(v)[:6000] for k, v in flatten(run.config).items()})
+        info = mlflow.pytorch.log_model(
+            LogitsModule(run.model).eval(), name="model", model_id=logged.model_id, run_id=run_id,
+            serialization_format="pt2", signature=signature, input_example=example, metadata=metadata,
+            extra_files=[str(Path(tmp) / MODEL_CONFIG), str(Path(tmp) / MODEL_STATE)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            registered_model_name=f"rayuda-{method}" if register else None)
+    if register:
+        return f"models:/rayuda-{method}/{info.registered_model_version}"
+    return info.model_uri

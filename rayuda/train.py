@@ -13,10 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from rayuda.config import ConfigError, parse_assignments, resolve_config
+from rayuda.config import ConfigError, parse_assignments, set_key
 from rayuda.data import DatasetError
 from rayuda.engine import run_pipeline
-from rayuda.methods import METHODS
+from rayuda.engine.plan import final_stage
+from rayuda.methods import METHODS, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (e.g. a search's best.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set params.w_adv=0.002 (repeatable)")
-    parser.add_argument("--iters", type=int, help="iterations of the method's stage (train.iters)")
+    parser.add_argument("--iters", type=int,
+                        help="iterations of the method's last reported stage (stages.<name>.iters)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", default=None, help="output directory (default runs/METHOD-seedS)")
     parser.add_argument("--cache-dir", default=None, help="stage cache (default $RAYUDA_CACHE/stages)")
@@ -40,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.method not in METHODS:
             raise ConfigError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
         overrides = parse_assignments(args.set)
-        for key, value in (("source", args.source), ("target", args.target), ("train.iters", args.iters),
-                           ("seed", args.seed)):
+        for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed)):
             if value is not None:
                 overrides[key] = value
         cfg = resolve_config(args.method, overrides, args.config)
+        if args.iters is not None:
+            set_key(cfg, f"stages.{final_stage(cfg)}.iters", args.iters, source="--iters")
         out = Path(args.out or f"runs/{args.method}-seed{cfg['seed']}")
         summary = run_pipeline(cfg, out, cache_dir=args.cache_dir)
     except (ConfigError, DatasetError) as err:

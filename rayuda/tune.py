@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayuda.config import ConfigError, parse_assignments, resolve_config, save_config, set_key
+from rayuda.config import ConfigError, parse_assignments, save_config, set_key
 from rayuda.data import DatasetError
 from rayuda.engine.evaluate import SELECTION_METRICS
-from rayuda.methods import METHODS
+from rayuda.engine.plan import check_plan, final_stage, reported_iterations
+from rayuda.methods import METHODS, plan_of, resolve_config
 from rayuda.search import load_space, optuna_space
 
 DEFAULT_STORAGE = "rayuda_results"
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config key or knob for every trial (repeatable)")
     p.add_argument("--num-samples", type=int, default=6, help="trials to run (default 6)")
-    p.add_argument("--max-iters", type=int, default=None, help="iterations per trial (default train.iters)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="iterations of the method's last reported stage (default stages.<name>.iters)")
     p.add_argument("--grace", type=int, default=None, help="ASHA grace period in iterations (default max/4)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
     p.add_argument("--metric", default=None, choices=sorted(SELECTION_METRICS),
@@ -67,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- the searcher ------------------------------------------------------------------------------------
-def make_searcher(space_fn, *, metric: str, seed: int, max_iters: int, first: dict, record: Path):
+def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path):
     """OptunaSearch (seeded TPE) that tells Optuna the truth about trials ASHA stopped early.
 
     Ray's integration completes every stopped trial with its last score, which TPE then trusts as a
-    full-length result. Here a trial that ended before ``max_iters`` is told as ``PRUNED`` (its
-    intermediate values stay), so TPE treats it as what it is. Every trial's record is also written
+    full-length result. Here a trial whose last result is not the engine's final report
+    (``last_report``) is told as ``PRUNED`` (its intermediate values stay), so TPE treats it as what it
+    is. Every trial's record is also written
     to ``record`` (JSON) for the trials table and the plots.
     """
     import optuna
@@ -84,7 +87,7 @@ def make_searcher(space_fn, *, metric: str, seed: int, max_iters: int, first: di
                 return super().on_trial_complete(trial_id, result, error)
             if result is not None and self.metric in result:
                 self.on_trial_result(trial_id, result)  # Tune hands the last result only to this hook
-            reached = result is not None and int(result.get("iteration", 0)) >= self.max_iters
+            reached = result is not None and bool(result.get("last_report"))
             if error or result is None or reached or self.metric not in result:
                 super().on_trial_complete(trial_id, result, error)
             else:
@@ -104,7 +107,7 @@ def make_searcher(space_fn, *, metric: str, seed: int, max_iters: int, first: di
         space=space_fn, metric=metric, mode="max", points_to_evaluate=[first] if first else None,
         sampler=optuna.samplers.TPESampler(seed=seed),
     )
-    searcher.max_iters, searcher.record = max_iters, str(record)
+    searcher.record = str(record)
     return searcher
 
 
@@ -157,16 +160,21 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     node_id = ray.get_runtime_context().get_node_id()  # which machine ran it, tagged in MLflow
     last: list[tuple[dict[str, Any], Path]] = []
 
-    def report(metrics: dict[str, Any], report_dir: Path) -> None:
+    def send(metrics: dict[str, Any], report_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(report_dir)) if report_dir is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def report(metrics: dict[str, Any], report_dir: Path | None) -> None:
         metrics = {**metrics, "node_id": node_id}
-        if int(metrics.get("iteration", 0)) >= int(cfg["train"]["iters"]):
+        if metrics.get("last_report"):
             last.append((metrics, report_dir))  # Tune ends the trial at its last report: hold it
             return                              # until the pipeline has written summary.json
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
+        send(metrics, report_dir)
 
-    run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
-    for metrics, report_dir in last:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(report_dir)))
+    summary = run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
+    dirs = {s["stage"]: s["dir"] for s in summary["stages"]}
+    for metrics, _ in last:  # the stage's folder has moved from .partial to its cache place since
+        send(metrics, Path(dirs[metrics["stage"]]) / "report")
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -176,22 +184,26 @@ def prepare(args) -> dict[str, Any]:
         raise ConfigError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
     overrides = parse_assignments(args.set)
     for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed),
-                       ("train.metric", args.metric), ("data.holdout", args.holdout),
-                       ("train.iters", args.max_iters)):
+                       ("train.metric", args.metric), ("data.holdout", args.holdout)):
         if value is not None:
             overrides[key] = value
     cfg = resolve_config(args.method, overrides, args.config)
-    max_iters = int(cfg["train"]["iters"])
-    grace = args.grace or max(1, max_iters // 4)
-    if not 0 < grace <= max_iters:
-        raise ConfigError(f"--grace must lie in 1..{max_iters} (the trial length), got {grace}")
-    if "train.eval_every" not in overrides:
-        cfg["train"]["eval_every"] = grace  # ASHA needs a score at each rung
+    if args.max_iters is not None:
+        key = f"stages.{final_stage(cfg)}.iters"
+        set_key(cfg, key, args.max_iters, source="--max-iters")
+        overrides[key] = args.max_iters
     space = load_space(args.method, args.space)
     fixed = {k: v for k, v in overrides.items() if k in {knob.name for knob in space.knobs}}
     space = space.without(fixed)
     if not space.knobs:
         raise ConfigError("every knob of the search space is fixed by --set: nothing to search")
+    max_iters = longest_trial(cfg, space)
+    grace = args.grace or max(1, max_iters // 4)
+    if not 0 < grace <= max_iters:
+        raise ConfigError(f"--grace must lie in 1..{max_iters} (the trial length), got {grace}")
+    if "train.eval_every" not in overrides:
+        cfg["train"]["eval_every"] = grace  # ASHA needs a score at each rung
+    check_plan(plan_of(cfg), cfg)
     from rayuda.data import open_dataset  # fail on a bad dataset spec now, not inside every trial
 
     for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target")):
@@ -203,6 +215,16 @@ def prepare(args) -> dict[str, Any]:
         raise ConfigError(f"target {cfg['target']!r} has no labels, so --metric {metric} cannot be computed; "
                           f"choose a label-free proxy: --metric {{{proxies}}}")
     return {"config": cfg, "space": space, "fixed": fixed, "max_iters": max_iters, "grace": grace}
+
+
+def longest_trial(cfg: dict[str, Any], space) -> int:
+    """The longest step axis a trial can have (ASHA's ``max_t``): reported iterations with every searched
+    ``stages.*.iters`` knob at its high end."""
+    longest = copy.deepcopy(cfg)
+    for knob in space.knobs:
+        if knob.name.startswith("stages.") and knob.name.endswith(".iters"):
+            set_key(longest, knob.name, knob.high, source="search space")
+    return reported_iterations(longest)
 
 
 def _experiment_dir(args, storage: Path) -> tuple[str, Path]:
@@ -269,11 +291,11 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
 
         concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
         searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score", seed=cfg["seed"],
-                                 max_iters=max_iters, first=space.defaults(plan["fixed"]), record=record)
+                                 first=space.defaults(plan["fixed"]), record=record)
         scheduler = ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
                                   reduction_factor=args.reduction_factor)
         tracker = MlflowTracker(
-            uri, f"rayuda-{args.method}", str(exp_dir), name, cfg, max_iters,
+            uri, f"rayuda-{args.method}", str(exp_dir), name, cfg,
             {"method": args.method, "num_samples": args.num_samples, "max_iters": max_iters, "grace": plan["grace"],
              "reduction_factor": args.reduction_factor, "selection_metric": metric_name,
              "space": space.source}, str(work_root))
@@ -290,7 +312,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         plan_file.write_text(json.dumps({"num_samples": args.num_samples}))
     results = tuner.fit()
     expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
-    return summarise(args, results, cfg, exp_dir, name, uri, record, max_iters, expected)
+    return summarise(args, results, cfg, exp_dir, name, uri, record, expected)
 
 
 def _fitting_trials(resources: dict[str, float], args) -> int | None:
@@ -308,16 +330,9 @@ def _finished_trials(record: Path) -> int:
     return sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in json.loads(record.read_text()))
 
 
-def _outcome_of(result, max_iters: int) -> str:
-    from rayuda.tracking import outcome
-
-    return outcome(result.metrics, max_iters, error=result.error is not None)
-
-
-def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, max_iters: int,
-              expected: int) -> int:
+def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, expected: int) -> int:
     """Trials table, best.yaml, parent-run artifacts and plots; exit code 130 if interrupted."""
-    from rayuda.tracking import METRIC_PREFIXES, finish_search
+    from rayuda.tracking import METRIC_PREFIXES, finish_search, outcome, stage_lines
 
     rows = []
     for result in results:
@@ -325,23 +340,28 @@ def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Pa
         params = {k: v for k, v in (result.config or {}).items()}
         history = result.metrics_dataframe
         best = float(history["score"].max()) if history is not None and "score" in history else float("nan")
-        rows.append({"trial": metrics.get("trial_id", ""), "outcome": _outcome_of(result, max_iters),
+        trial_id = metrics.get("trial_id", "")
+        stages = stage_lines(exp_dir / "work" / "trials" / trial_id / "summary.json")
+        rows.append({"trial": trial_id, "outcome": outcome(metrics, error=result.error is not None),
                      "iteration": metrics.get("iteration", 0), "best_score": best,
-                     "miou": metrics.get("miou", float("nan")), **params})
+                     "miou": metrics.get("miou", float("nan")),
+                     "stages": "; ".join(f"{k} {v}" for k, v in stages.items()), **params})
     rows.sort(key=lambda r: -r["best_score"] if not math.isnan(r["best_score"]) else math.inf)
     interrupted = _finished_trials(record) < expected
 
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("trial", "outcome", "iteration",
-                                                                           "best_score", "miou"), k))
+                                                                           "best_score", "miou", "stages"), k))
     table = exp_dir / "trials.csv"
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{'trial':<14} {'outcome':<14} {'iter':>5} {'best score':>10}  params")
+    print(f"\n{'trial':<14} {'outcome':<14} {'iter':>5} {'best score':>10}  {'stage cache':<14} params")
     for r in rows:
         knobs = ", ".join(f"{k}={_fmt(r[k])}" for k in keys if "." in k and k in r)
-        print(f"{r['trial']:<14} {r['outcome']:<14} {r['iteration']:>5} {r['best_score']:>10.4f}  {knobs}")
+        cache = " ".join(line.split()[1][0] for line in r["stages"].split("; ") if line) or "-"
+        print(f"{r['trial']:<14} {r['outcome']:<14} {r['iteration']:>5} {r['best_score']:>10.4f}  {cache:<14} {knobs}")
+    print("(stage cache: one letter per stage of the plan — h hit, m miss, s skipped)")
 
     plots = _plots(record, exp_dir) if record.exists() else []
     best_path = None

@@ -11,24 +11,30 @@ import pytest
 import torch
 import yaml
 
-from rayuda.config import ConfigError, resolve_config
+from rayuda.config import ConfigError
 from rayuda.engine import run_pipeline
 from rayuda.engine.checkpoint import atomic_save
-from rayuda.methods import METHODS
+from rayuda.methods import METHODS, resolve_config
 
 TINY = {
     "data.size": [32, 64],
     "data.batch_size": 2,
     "data.holdout": 4,
-    "train.iters": 6,
     "train.eval_every": 3,
     "train.log_every": 3,
-    "warm_start.iters": 4,
+    "stages.source_only.iters": 4,
 }
 
 
 def tiny(method: str, **extra) -> dict:
-    return resolve_config(method, {**TINY, **extra})
+    """A tiny config: source-only 4 iterations, every later train stage 6, evaluated every 3."""
+    cfg = resolve_config(method, TINY)
+    later = {f"stages.{name}.iters": 6 for name in cfg["stages"] if name != "source_only"}
+    return resolve_config(method, {**TINY, **later, **extra})
+
+
+def stage_dir(summary: dict, name: str) -> Path:
+    return Path(next(s["dir"] for s in summary["stages"] if s["stage"] == name))
 
 
 def losses(run_dir: Path) -> list[dict]:
@@ -39,28 +45,31 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_continues_identically(tmp_path):
-    cfg = tiny("advent", **{"warm_start": None})
-    run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache")
+def test_resume_inside_the_last_stage_of_a_four_stage_plan_continues_identically(tmp_path):
+    cfg = tiny("intrada", **{"params.rank.lambda": 0.5})
+    straight = run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a")
 
-    def stop_after_first_eval(metrics, checkpoint_dir):
+    def stop_at_first_eval(metrics, report_dir):
         raise Interrupt
 
-    with pytest.raises(Interrupt):
-        run_pipeline(cfg, tmp_path / "resumed", report=stop_after_first_eval, cache_dir=tmp_path / "cache")
-    assert len(losses(tmp_path / "resumed")) == 3
-    run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache")
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    with pytest.raises(Interrupt):  # killed inside stage 4 (intra), after its checkpoint at iteration 3
+        run_pipeline(cfg, tmp_path / "resumed", report=stop_at_first_eval, cache_dir=tmp_path / "cache-b")
+    partial = next((tmp_path / "cache-b").glob(".intra-*.partial"))
+    assert len(losses(partial)) == 3
+    resumed = run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache-b")
+    assert [s["cache"] for s in resumed["stages"]] == ["hit", "hit", "hit", "miss"]
+    assert losses(stage_dir(resumed, "intra")) == losses(stage_dir(straight, "intra"))
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["miou"] == straight["miou"]
 
 
 def test_source_stage_is_cached_across_runs_with_the_same_upstream_config(tmp_path):
     cache = tmp_path / "cache"
     first = run_pipeline(tiny("advent"), tmp_path / "a", cache_dir=cache)
-    second = run_pipeline(tiny("minent", **{"optim.lr": 1e-3}), tmp_path / "b", cache_dir=cache)
-    other = run_pipeline(tiny("advent", **{"warm_start.iters": 5}), tmp_path / "c", cache_dir=cache)
+    second = run_pipeline(tiny("minent", **{"stages.minent.lr": 1e-3}), tmp_path / "b", cache_dir=cache)
+    other = run_pipeline(tiny("advent", **{"stages.source_only.iters": 5}), tmp_path / "c", cache_dir=cache)
     assert first["stages"][0]["cache"] == "miss"
     assert second["stages"][0]["cache"] == "hit"
     assert second["stages"][0]["dir"] == first["stages"][0]["dir"]
@@ -70,9 +79,10 @@ def test_source_stage_is_cached_across_runs_with_the_same_upstream_config(tmp_pa
 
 def test_report_hook_receives_metrics_and_checkpoint(tmp_path):
     seen = []
-    run_pipeline(tiny("source_only", **{"warm_start": None}), tmp_path / "r",
+    run_pipeline(tiny("source_only", **{"stages.source_only.iters": 6}), tmp_path / "r", cache_dir=tmp_path / "c",
                  report=lambda m, d: seen.append((dict(m), sorted(p.name for p in d.iterdir()))))
     assert [m["iteration"] for m, _ in seen] == [3, 6]
+    assert [bool(m.get("last_report")) for m, _ in seen] == [False, True]
     metrics, files = seen[-1]
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["score"] == metrics["miou"]
     assert any(k.startswith("iou/") for k in metrics) and "loss/seg" in metrics
@@ -82,9 +92,9 @@ def test_report_hook_receives_metrics_and_checkpoint(tmp_path):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_end_to_end_on_minicity(method, tmp_path):
     summary = run_pipeline(tiny(method), tmp_path / method, cache_dir=tmp_path.parent / "shared-cache")
-    assert summary["method"] == method and summary["iterations"] == 6
+    assert summary["method"] == method and summary["iterations"] == (4 if method == "source_only" else 6)
     assert 0.0 <= summary["miou"] <= 1.0
-    logged = set(losses(tmp_path / method)[0])
+    logged = set(losses(Path(summary["stages"][-1]["dir"]))[0])
     # every method logs its segmentation loss; adaptation methods log their own terms too
     assert logged == {"iteration", "seg"} if method == "source_only" else logged > {"iteration", "seg"}
     saved = yaml.safe_load((tmp_path / method / "config.yaml").read_text())
@@ -117,15 +127,22 @@ def test_train_cli_writes_config_summary_and_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "rayuda.train", "advent", "--out", str(out), "--iters", "4", "--seed", "3",
            "--cache-dir", str(tmp_path / "cache")]
     for key, value in TINY.items():
-        if key != "train.iters":
-            cmd += ["--set", f"{key}={value}"]
+        cmd += ["--set", f"{key}={value}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert {"method", "miou", "per_class_iou", "iterations", "seconds", "selection_metric"} <= set(summary)
+    assert {"method", "miou", "per_class_iou", "iterations", "seconds", "selection_metric", "stages"} <= set(summary)
     assert summary["iterations"] == 4 and summary["selection_metric"] == "miou"
+    assert [s["stage"] for s in summary["stages"]] == ["source_only", "advent"]
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
-    assert (out / "checkpoint.pt").exists()
+    assert (out / "best_model.pt").exists() and (stage_dir(summary, "advent") / "checkpoint.pt").exists()
+    assert "[stage 2/2 advent]" in done.stdout
+    # a finished --out gives its summary back without training; another config there is refused
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already holds this finished run" in again.stdout
+    assert "iter " not in again.stdout and json.loads((out / "summary.json").read_text()) == summary
+    other = subprocess.run([*cmd, "--set", "params.w_adv=0.5"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "params.w_adv" in other.stderr and "Traceback" not in other.stderr
     # the resolved config is accepted back as --config
     again = subprocess.run([sys.executable, "-m", "rayuda.train", "advent", "--config", str(out / "config.yaml"),
                             "--out", str(tmp_path / "again"), "--iters", "2", "--cache-dir", str(tmp_path / "cache")],
@@ -138,4 +155,4 @@ def test_train_cli_rejects_unknown_method_and_key(tmp_path):
     assert bad.returncode == 2 and "valid methods" in bad.stderr and "advent" in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "rayuda.train", "advent", "--set", "optim.lrr=1"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "optim.lr" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "optim.lr_d" in bad.stderr and "Traceback" not in bad.stderr

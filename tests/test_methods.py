@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from rayuda.config import default_config
-from rayuda.engine.context import TrainContext
-from rayuda.methods import METHODS, get_method
+from rayuda.methods import METHODS, default_config, get_method
+from rayuda.methods.context import TrainContext
 from rayuda.models import SegOutput
 
 
@@ -48,10 +47,9 @@ def make_context(method_name: str, b: float = 0.5, **params) -> tuple[object, Tr
     discs = nn.ModuleDict({name: ConstantDiscriminator(2, b) for name in ("main",)} if method_name in
                           ("adaptsegnet", "advent") else {})
     ctx = TrainContext(
-        config=cfg, model=model, discriminators=discs,
-        opt_g=torch.optim.SGD(model.parameters(), lr=0.0),
+        config=cfg, model=model, device=torch.device("cpu"), num_classes=2, params=cfg["params"],
+        discriminators=discs, opt_g=torch.optim.SGD(model.parameters(), lr=0.0),
         opt_d=torch.optim.Adam(discs.parameters(), lr=0.0) if len(discs) else None,
-        device=torch.device("cpu"), num_classes=2, extras={"levels": ["main"]},
     )
     return method, ctx
 
@@ -116,6 +114,6 @@ def test_generator_update_changes_only_g_and_discriminator_update_only_d():
 
 
 def test_registry_lists_every_method():
-    assert {"source_only", "adaptsegnet", "advent", "minent", "cram", "fgdem"} <= set(METHODS)
+    assert {"source_only", "adaptsegnet", "advent", "minent", "cram", "fgdem", "intrada"} <= set(METHODS)
     with pytest.raises(ValueError, match="valid methods"):
         get_method("nope")

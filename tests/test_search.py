@@ -24,7 +24,8 @@ def write(tmp_path, text: str):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_has_a_valid_space_whose_defaults_are_the_papers(method):
     space = load_space(method)
-    from rayuda.config import default_config, flatten
+    from rayuda.config import flatten
+    from rayuda.methods import default_config
 
     cfg = flatten(default_config(method))
     for knob in space.knobs:
@@ -87,10 +88,10 @@ def test_conditional_knob_exists_only_when_its_condition_holds(tmp_path):
     assert space.without(fixed).defaults(fixed) == {}
 
 
-def _searcher(tmp_path, max_iters=100):
+def _searcher(tmp_path):
     space = load_space("advent")
-    searcher = make_searcher(optuna_space(space), metric="score", seed=0, max_iters=max_iters,
-                             first=space.defaults(), record=tmp_path / "record.json")
+    searcher = make_searcher(optuna_space(space), metric="score", seed=0, first=space.defaults(),
+                             record=tmp_path / "record.json")
     searcher.set_search_properties("score", "max", {})
     return searcher
 
@@ -104,7 +105,7 @@ def test_defaults_are_the_first_trial(tmp_path):
 
 
 def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(tmp_path):
-    searcher = _searcher(tmp_path, max_iters=100)
+    searcher = _searcher(tmp_path)
     for tid in ("full", "stopped", "failed"):
         searcher.suggest(tid)
     for step, score in ((25, 0.1), (50, 0.2), (100, 0.3)):
@@ -112,7 +113,8 @@ def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(t
     searcher.on_trial_result("stopped", {"score": 0.05, "iteration": 25, "training_iteration": 1})
     # ASHA's stopping decision: Ray hands the last result to on_trial_complete (without on_trial_result)
     searcher.on_trial_complete("stopped", {"score": 0.07, "iteration": 50, "training_iteration": 2})
-    searcher.on_trial_complete("full", {"score": 0.3, "iteration": 100, "training_iteration": 4})
+    # the engine marks its final report; an iteration count alone says nothing about the end
+    searcher.on_trial_complete("full", {"score": 0.3, "iteration": 100, "training_iteration": 4, "last_report": True})
     searcher.on_trial_complete("failed", None, error=True)
 
     trials = {t.number: t for t in searcher._ot_study.trials}

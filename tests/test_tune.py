@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
-        "--set", "warm_start.iters=4", "--set", "train.log_every=2", "--set", "train.num_masks=2"]
+        "--set", "stages.source_only.iters=4", "--set", "train.log_every=2", "--set", "train.num_masks=2"]
 
 
 def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
@@ -83,8 +83,8 @@ def test_source_stage_is_trained_once_per_search(search):
     assert len(warm) >= 2  # trials that ran to the end
     stage_dirs = list((tmp_path / "store" / "s" / "stage-cache").glob("source_only-*"))
     assert len(stage_dirs) == 1
-    assert proc.stdout.count("[source_only stage] trained") == 1
-    assert proc.stdout.count("[source_only stage] cache hit") == 3
+    assert proc.stdout.count("[stage 1/2 source_only] computed") == 1
+    assert proc.stdout.count("[stage 1/2 source_only] cache hit") == 3
 
 
 def test_best_config_is_accepted_by_rayuda_train(search, tmp_path):
@@ -154,3 +154,35 @@ def test_label_free_search_on_an_unlabelled_folder_target(tmp_path):
     assert children[0].data.tags["rayuda.selection_metric"] == "flip_agreement"
     assert "flip_agreement" in children[0].data.metrics and "miou" not in children[0].data.metrics
     assert yaml.safe_load((tmp_path / "best.yaml").read_text())["train"]["metric"] == "flip_agreement"
+
+
+def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):
+    """A real search of a two-round method: trials reach round 2, Optuna holds round 2's values, ASHA's
+    max_t covers both rounds, and round 1 (its knobs fixed) is computed once for all trials."""
+    space = tmp_path / "two_rounds.yaml"
+    space.write_text("method: two_rounds\nknobs:\n"
+                     "  params.round2.w_adv: {type: float, low: 1.0e-4, high: 1.0e-2, log: true, default: 1.0e-3}\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "RAYUDA_METHODS": "tests.two_rounds_method", "RAY_DEDUP_LOGS": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "rayuda.tune", "two_rounds", "--space", str(space), "--storage", str(tmp_path / "store"),
+           "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"),
+           *TINY, "--set", "stages.round1.iters=2", "--set", "stages.round2.iters=2", "--num-samples", "3",
+           "--grace", "2", "--max-concurrent", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "3 trials × 4 iterations" in proc.stdout  # max_t = round 1 + round 2
+    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
+    complete = [r for r in record if r["state"] == "COMPLETE"]
+    assert complete and all(set(r["intermediate_values"]) == {"2", "4"} for r in complete)
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "store" / "s" / "work").glob("trials/*/summary.json")]
+    assert len(summaries) == len(complete)
+    round1 = sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == "round1") for summary in summaries)
+    assert round1.count("miss") <= 1 and len(list((tmp_path / "store" / "s" / "stage-cache").glob("round1-*"))) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rayuda-two_rounds")
+    finished = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rayuda.outcome") == "finished"]
+    assert len(finished) == len(complete)
+    for run in finished:
+        assert {"rayuda.stage.source_only", "rayuda.stage.round1", "rayuda.stage.round2"} <= set(run.data.tags)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [2, 4]

@@ -38,6 +38,8 @@ def _image_sizes(dataset: SegmentationDataset) -> list[tuple[int, int]]:
 def _softmaxes(model: nn.Module, dataset: SegmentationDataset, device, batch_size: int) -> Iterator[tuple[str, Any]]:
     """(image name, C×H×W softmax at the image's own size) for every image of ``dataset``, in order."""
     sizes = _image_sizes(dataset)
+    if dataset.transform.size is None and len(set(sizes)) > 1:
+        batch_size = 1  # images of several sizes, not resized: they cannot share a batch
     index = 0
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):

@@ -119,6 +119,11 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"{where}: a train stage needs a step method")
             if stage.name not in cfg["stages"]:
                 raise ConfigError(f"{where}: no schedule stages.{stage.name} in the config")
+            schedule = cfg["stages"][stage.name]
+            if not isinstance(schedule.get("iters"), int) or schedule["iters"] < 0:
+                raise ConfigError(f"stages.{stage.name}.iters must be an int ≥ 0, got {schedule.get('iters')!r}")
+            if not schedule.get("lr", 0) > 0:
+                raise ConfigError(f"stages.{stage.name}.lr must be > 0, got {schedule.get('lr')!r}")
             for role in (stage.source, stage.target):
                 if role and ":" in role:
                     ref, _, _ = role.partition(":")
@@ -139,6 +144,9 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
         seen[stage.name] = stage
     if not any(s.reported for s in plan):
         raise ConfigError(f"{cfg['method']} plan reports no stage to the search")
+    for key in ("eval_every", "log_every"):
+        if not isinstance(cfg["train"][key], int) or cfg["train"][key] < 1:
+            raise ConfigError(f"train.{key} must be an int ≥ 1, got {cfg['train'][key]!r}")
 
 
 def reported_stages(cfg: dict[str, Any]) -> list[Stage]:

@@ -6,6 +6,8 @@ hand ``rayuda.config`` the method's knobs and stage schedules.
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,22 @@ from rayuda.methods.source_only import SourceOnly
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SourceOnly, AdaptSegNet, AdvEnt, MinEnt, CRAM, FGDEM, IntraDA)
 }
+
+
+def register_plugins(modules: str) -> None:
+    """Register the methods defined in ``modules`` (comma-separated import paths; ``$RAYUDA_METHODS``), so a
+    method of your own runs in ``rayuda.train`` / ``rayuda.tune`` (and in every Ray worker) without a fork."""
+    for module_name in filter(None, (m.strip() for m in modules.split(","))):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise _config.ConfigError(f"RAYUDA_METHODS: cannot import {module_name!r}: {err}") from None
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__:
+                METHODS[obj.name] = obj
+
+
+register_plugins(os.environ.get("RAYUDA_METHODS", ""))
 
 
 def get_method(name: str) -> type[Method]:
@@ -49,4 +67,5 @@ def plan_of(cfg: dict[str, Any]) -> list[Stage]:
     return get_method(cfg["method"]).plan(cfg["params"])
 
 
-__all__ = ["METHODS", "Method", "Stage", "default_config", "get_method", "plan_of", "resolve_config"]
+__all__ = ["METHODS", "Method", "Stage", "default_config", "get_method", "plan_of", "register_plugins",
+           "resolve_config"]
