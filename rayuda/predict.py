@@ -26,6 +26,7 @@ import pickle
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +62,6 @@ def _oneline(err: BaseException) -> str:
 class LoadedRun:
     """A rebuilt G (CPU, eval mode) with the resolved config it was trained with."""
 
-    origin: str
     config: dict[str, Any]
     model: torch.nn.Module
     weights: str
@@ -141,7 +141,9 @@ def load_state(path: Path, shown: str | None = None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise RunError(f"{shown}: missing")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some files it then refuses: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what torch.load(weights_only=True) refuses: no plain tensors
         raise RunError(f"{shown}: not a plain state dict (torch.load with weights_only=True refuses it)") from None
     except Exception as err:  # noqa: BLE001 — any unreadable file is one error line
@@ -177,7 +179,7 @@ def load_run(run_dir: str | Path, weights: str = "best") -> LoadedRun:
     cfg_path, state_path = run_dir / "config.yaml", run_dir / WEIGHTS[weights]
     cfg = load_config(cfg_path)
     model = build_model(cfg, load_state(state_path), str(cfg_path), str(state_path))
-    return LoadedRun(str(run_dir), cfg, model, str(state_path))
+    return LoadedRun(cfg, model, str(state_path))
 
 
 @contextmanager
@@ -213,13 +215,15 @@ def load_model_uri(uri: str, tracking_uri: str) -> LoadedRun:
             raise RunError(f"{shown_cfg}: missing; not a model logged by rayuda")
         cfg = load_config(files / MODEL_CONFIG, shown_cfg)
         state = load_state(files / MODEL_STATE, shown_state)
-    return LoadedRun(uri, cfg, build_model(cfg, state, shown_cfg, shown_state), shown_state)
+    return LoadedRun(cfg, build_model(cfg, state, shown_cfg, shown_state), shown_state)
 
 
 def resolve_run(run: str, weights: str = "best", tracking_uri: str | None = None) -> tuple[LoadedRun, str | None]:
     """Any RUN (folder, trial, search, MLflow URI) → the rebuilt G and a note on which run was chosen."""
     if run.startswith(URI_SCHEMES):
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # MLflow would create it
+            raise RunError(f"{uri[len('sqlite:///'):]}: no MLflow store there to find {run} in (see --mlflow-uri)")
         return load_model_uri(run, uri), None
     run_dir, note = locate(run)
     return load_run(run_dir, weights), note
@@ -398,7 +402,8 @@ def _write(out: Path, name: str, pred: np.ndarray, colours: np.ndarray, image_pa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rayuda.predict", description=__doc__.split("\n")[0].strip("`: "),
+        prog="python -m rayuda.predict",
+        description="Segment images with a trained run: a run or trial folder, a search folder or an MLflow model.",
         epilog="Each image is resized to the run's data.size when its config sets one (as in training), else fed "
                "at its own size; the logits are upsampled back to the image's size before the argmax.")
     parser.add_argument("run", metavar="RUN",
@@ -411,10 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write image | colour side by side")
     parser.add_argument("--weights", choices=sorted(WEIGHTS), default="best",
                         help="best_model.pt (default) or model.pt (the last iteration) of a run folder")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N",
+                        help="images per forward pass (default 4; images of one input size share a batch)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="default auto: the GPU when there is one")
     parser.add_argument("--progress-every", type=int, default=50, metavar="N", help="a progress line every N images")
-    parser.add_argument("--mlflow-uri", default=None,
+    parser.add_argument("--mlflow-uri", default=None, metavar="URI",
                         help="tracking/registry URI for a model URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     return parser
 

@@ -21,9 +21,13 @@ IGNORE = 255
 
 
 class PseudoLabeller:
-    """Base of the pass's selectors. ``params`` are the stage's knobs (its config slice).
+    """Base of the pass's selectors. ``params`` are the stage's knobs (its config slice), ``class_names``
+    the protocol's classes (train id order).
 
-    ``version`` is part of the stage's cache key: bump it when a change alters the labels.
+    ``version`` is part of the stage's cache key: bump it when a change alters the labels. Thresholds a
+    labeller decides per class go in :meth:`decide`'s ``"per_class"`` entry, ``{class name: {"threshold":
+    …, "kept_share": …, …}}``: the engine copies it into the stage's facts and the search shows it in MLflow
+    and ``best.yaml`` ("which thresholds for my target").
     """
 
     name: ClassVar[str]
@@ -31,8 +35,8 @@ class PseudoLabeller:
     #: whether :meth:`observe` must see every image before :meth:`label` (a second pass over the set)
     needs_statistics: ClassVar[bool] = True
 
-    def __init__(self, params: dict[str, Any], num_classes: int):
-        self.params, self.num_classes = params, num_classes
+    def __init__(self, params: dict[str, Any], class_names: list[str]):
+        self.params, self.class_names, self.num_classes = params, list(class_names), len(class_names)
 
     def observe(self, name: str, prob: torch.Tensor) -> None:
         """First pass: see image ``name``'s softmax ``prob`` (C×H×W)."""
@@ -71,8 +75,8 @@ class EntropyRanking(PseudoLabeller):
 
     name = "entropy_ranking"
 
-    def __init__(self, params, num_classes):
-        super().__init__(params, num_classes)
+    def __init__(self, params, class_names):
+        super().__init__(params, class_names)
         self.scores: dict[str, float] = {}
         self.easy: list[str] = []
         self.hard: list[str] = []

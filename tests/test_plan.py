@@ -146,7 +146,7 @@ def test_entropy_ranking_pass_on_a_hand_made_target(tmp_path):
         Image.fromarray(pixels).save(tmp_path / "images" / f"{name}.png")
     expected = {f"{n}.png": binary_entropy(normalised(r, 0), normalised(g, 1)) for n, (r, g) in colours.items()}
     dataset = open_dataset(f"folder:{tmp_path}", "train", role="target", transform=Transform())
-    labeller = EntropyRanking({"lambda": 0.5}, num_classes=2)
+    labeller = EntropyRanking({"lambda": 0.5}, class_names=["red", "green"])
     facts = pseudo_label_pass(ColourLogits(), dataset, labeller, tmp_path / "out", device=torch.device("cpu"))
 
     stats = json.loads((tmp_path / "out" / "pseudo_labels.json").read_text())

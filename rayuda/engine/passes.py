@@ -85,5 +85,8 @@ def pseudo_label_pass(
               "labelled_pixel_share": float(counts.sum() / max(pixels, 1)),
               "class_share": share.round(6).tolist(), "statistics": stats, "subsets": labeller.subsets()}
     (work_dir / STATS).write_text(json.dumps(record, indent=1))
-    return {"labelled_images": labelled, "labelled_pixel_share": record["labelled_pixel_share"],
-            **{f"subset/{k}": len(v) for k, v in record["subsets"].items()}}
+    facts = {"labelled_images": labelled, "labelled_pixel_share": record["labelled_pixel_share"],
+             **{f"subset/{k}": len(v) for k, v in record["subsets"].items()}}
+    if "per_class" in stats:
+        facts["per_class"] = stats["per_class"]  # per-class thresholds: shown in MLflow and best.yaml
+    return facts

@@ -126,7 +126,7 @@ def _pseudo_labels(run: PlanRun, stage: Stage, cfg, work_dir: Path) -> dict[str,
     model = _load_model(run, cfg, run.last_train)
     dataset = open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"],
                            transform=_eval_transform(cfg["data"]))
-    labeller = stage.labeller(_params(cfg, stage), len(run.class_names))
+    labeller = stage.labeller(_params(cfg, stage), run.class_names)
     return pseudo_label_pass(model, dataset, labeller, work_dir, device=run.runtime.device)
 
 
@@ -205,6 +205,8 @@ def run_pipeline(
                        "stage_iteration": metrics["iteration"]}
             if stage is reported[-1] and metrics["stage_iteration"] == iters:
                 metrics["last_report"] = True  # the trial's final report: the search driver needs no guess
+            if report_dir is not None and all(metrics["score"] > m["score"] for m in run.evals):
+                _link(report_dir / "model.pt", out_dir / "best_model.pt")  # there even if the search stops us
             run.evals.append(metrics)
             if report is not None:
                 report(metrics, report_dir)
@@ -226,9 +228,11 @@ def run_pipeline(
                                       {"identity": stage_identity(stage), "config": slc.plain(), "upstream": upstream},
                                       compute)
         if hit and stage.reported:
-            lines = (stage_dir / "evals.jsonl").read_text().splitlines()
-            for n, line in enumerate(lines):
-                stage_report(json.loads(line), stage_dir / "report" if n == len(lines) - 1 else None)
+            replay = [json.loads(line) for line in (stage_dir / "evals.jsonl").read_text().splitlines()]
+            if all(max(m["score"] for m in replay) > m["score"] for m in run.evals):
+                _link(stage_dir / "best_model.pt", out_dir / "best_model.pt")
+            for n, metrics in enumerate(replay):
+                stage_report(metrics, stage_dir / "report" if n == len(replay) - 1 else None)
         recorded = stage_record(stage_dir)
         seconds = round(time.time() - tic, 2)
         records.append({"stage": stage.name, "kind": stage.kind, "key": key, "cache": "hit" if hit else "miss",
