@@ -166,7 +166,8 @@ def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):
     env = {**os.environ, "RAYUDA_METHODS": "tests.two_rounds_method", "RAY_DEDUP_LOGS": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "rayuda.tune", "two_rounds", "--space", str(space),
-           "--storage", str(tmp_path / "store"), "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"),
+           "--storage", str(tmp_path / "store"), "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--best", str(tmp_path / "best.yaml"),
            *TINY, "--set", "stages.round1.iters=2", "--set", "stages.round2.iters=2", "--num-samples", "3",
            "--grace", "2", "--max-concurrent", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
