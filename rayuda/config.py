@@ -32,7 +32,11 @@ BASE_DEFAULTS: dict[str, Any] = {
         "crop": None,  # [H, W] random crop for training; null = whole image
         "flip": True,
         "jitter": 0.0,
-        "holdout": None,  # use only the first N labelled target images for selection
+        "holdout": None,  # use only the first N labelled target-val images (selection + test)
+        # the labelled target-val images are split, by a seeded hash of their names, into a selection part
+        # (the search's score, checkpoint choice) and a test part (the numbers reported as results)
+        "test_fraction": 0.5,
+        "split_seed": 0,
         "num_workers": 0,
     },
     "model": {
@@ -54,6 +58,7 @@ BASE_DEFAULTS: dict[str, Any] = {
         "log_every": 50,
         "device": "auto",
         "amp": False,
+        "deterministic": False,  # torch.use_deterministic_algorithms (bit-identical reruns on GPUs too)
         "metric": "miou",
         "num_masks": 4,
     },
@@ -181,5 +186,7 @@ def resolve_config(
     return cfg
 
 
-def save_config(cfg: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+def save_config(cfg: dict[str, Any], path: str | Path, header: list[str] | None = None) -> None:
+    """Write ``cfg`` as YAML; ``header`` lines become comments on top (read by people, ignored on load)."""
+    comments = "".join(f"# {line}\n" for line in header or [])
+    Path(path).write_text(comments + yaml.safe_dump(cfg, sort_keys=False))

@@ -29,7 +29,7 @@ from ray import tune
 from rayuda.config import flatten
 
 OUTCOME_STATUS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
-METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "flip_agreement", "score", "pseudo")
+METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "flip_agreement", "score", "pseudo", "test/")
 
 
 def default_tracking_uri() -> str:
@@ -71,6 +71,15 @@ def outcome(result: dict[str, Any] | None, error: bool = False) -> str:
     if error:
         return "failed"
     return "finished" if result and result.get("last_report") else "early_stopped"
+
+
+def summary_environment(summary_path: Path) -> dict[str, Any]:
+    """The machine facts a trial's ``summary.json`` recorded (torch, CPU/GPU, threads, deterministic)."""
+    if not Path(summary_path).is_file():
+        return {}
+    import json
+
+    return json.loads(Path(summary_path).read_text()).get("environment", {})
 
 
 def stage_lines(summary_path: Path) -> dict[str, str]:
@@ -193,6 +202,8 @@ class MlflowTracker(tune.Callback):
         run_id = self.child_run_id(trial)
         self.client.set_tag(run_id, "rayuda.outcome", result)
         trial_dir = Path(self.work_root) / "trials" / trial.trial_id
+        for key, value in summary_environment(trial_dir / "summary.json").items():
+            self.client.set_tag(run_id, f"rayuda.env.{key}", str(value))
         for stage, line in stage_lines(trial_dir / "summary.json").items():
             self.client.set_tag(run_id, f"rayuda.stage.{stage}", line.split()[0])
             self.client.log_metric(run_id, f"stage_seconds/{stage}", float(line.split()[1]))
@@ -209,20 +220,24 @@ class MlflowTracker(tune.Callback):
                 self.client.set_terminated(run_id, "KILLED")
 
 
-def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Path | None, trials_csv: Path | None,
-                  plots: list[Path], best_metrics: dict[str, float], status: str = "FINISHED") -> str | None:
-    """Attach the search's results to its parent run and close it."""
+def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Path | None, artifacts: list[Path],
+                  metrics: dict[str, float], tags: dict[str, str] | None = None,
+                  status: str = "FINISHED") -> str | None:
+    """Attach the search's results (best config, trials table, plots, confirmation) to its parent run; close it."""
     client = client_for(uri)
     exp_id = ensure_experiment(client, experiment, uri)
     found = client.search_runs([exp_id], f"tags.`rayuda.search` = '{search_id}'")
     if not found:
         return None
     run_id = found[0].info.run_id
-    for path in [best_config, trials_csv, *plots]:
+    for path in [best_config, *artifacts]:
         if path is not None and Path(path).is_file():
             client.log_artifact(run_id, str(path))
-    for key, value in trial_metrics(best_metrics).items():
-        client.log_metric(run_id, f"best/{key}", value)
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and math.isfinite(value):
+            client.log_metric(run_id, key, float(value))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status)
     return run_id
 

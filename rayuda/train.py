@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int,
                         help="iterations of the method's last reported stage (stages.<name>.iters)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
     parser.add_argument("--out", default=None, help="output directory (default runs/METHOD-seedS)")
     parser.add_argument("--cache-dir", default=None, help="stage cache (default $RAYUDA_CACHE/stages)")
     return parser
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.method not in METHODS:
             raise ConfigError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
         overrides = parse_assignments(args.set)
-        for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed)):
+        for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed),
+                           ("train.deterministic", args.deterministic or None)):
             if value is not None:
                 overrides[key] = value
         cfg = resolve_config(args.method, overrides, args.config)
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{summary['method']}: target mIoU {100 * summary['miou']:.2f} "
-          f"({summary['selection_metric']} score {summary['score']:.4f}) in {summary['seconds']:.0f} s → {out}")
+    test = (summary.get("test") or {}).get("final")
+    result = (f"test mIoU {100 * test['miou']:.2f} on {summary['test']['images']} test images" if test
+              else f"mIoU {100 * summary['miou']:.2f} on the selection images (no test images)")
+    print(f"{summary['method']}: {result}; {summary['selection_metric']} score {summary['score']:.4f} on the "
+          f"selection images; {summary['seconds']:.0f} s → {out}")
     return 0
 
 

@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="stage cache (default STORAGE/NAME/stage-cache)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     p.add_argument("--best", default="best.yaml", help="where to write the best config (default ./best.yaml)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="share of the labelled target holdout kept for the reported test numbers (default 0.5)")
+    p.add_argument("--confirm-top", type=int, default=2,
+                   help="after the search, rerun the top K configs and the defaults on fresh seeds (default 2)")
+    p.add_argument("--confirm-seeds", type=int, default=3, help="fresh seeds of the confirmation (default 3)")
+    p.add_argument("--no-confirm", action="store_true", help="skip the confirmation phase")
+    p.add_argument("--min-gain", type=float, default=1.0,
+                   help="mIoU points a config must gain over the defaults to be preferred (default 1.0)")
+    p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (train.deterministic)")
     return p
 
 
@@ -173,7 +182,10 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
 
     summary = run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
     dirs = {s["stage"]: s["dir"] for s in summary["stages"]}
+    test = summary.get("test") or {}
     for metrics, _ in last:  # the stage's folder has moved from .partial to its cache place since
+        if "final" in test:
+            metrics.update({"test/miou": test["final"]["miou"], "test/miou_selected": test["selected"]["miou"]})
         send(metrics, Path(dirs[metrics["stage"]]) / "report")
 
 
@@ -184,7 +196,8 @@ def prepare(args) -> dict[str, Any]:
         raise ConfigError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
     overrides = parse_assignments(args.set)
     for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed),
-                       ("train.metric", args.metric), ("data.holdout", args.holdout)):
+                       ("train.metric", args.metric), ("data.holdout", args.holdout),
+                       ("data.test_fraction", args.test_fraction), ("train.deterministic", args.deterministic or None)):
         if value is not None:
             overrides[key] = value
     cfg = resolve_config(args.method, overrides, args.config)
@@ -214,6 +227,11 @@ def prepare(args) -> dict[str, Any]:
         proxies = ", ".join(m for m, (key, _) in SELECTION_METRICS.items() if key != "miou")
         raise ConfigError(f"target {cfg['target']!r} has no labels, so --metric {metric} cannot be computed; "
                           f"choose a label-free proxy: --metric {{{proxies}}}")
+    from rayuda.engine.pipeline import describe_holdout
+
+    print(describe_holdout(cfg), flush=True)  # also refuses an empty selection part
+    if not args.no_confirm and (args.confirm_top < 0 or args.confirm_seeds < 1 or args.min_gain < 0):
+        raise ConfigError("--confirm-top must be ≥ 0, --confirm-seeds ≥ 1 and --min-gain ≥ 0 (or --no-confirm)")
     return {"config": cfg, "space": space, "fixed": fixed, "max_iters": max_iters, "grace": grace}
 
 
@@ -312,7 +330,8 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         plan_file.write_text(json.dumps({"num_samples": args.num_samples}))
     results = tuner.fit()
     expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
-    return summarise(args, results, cfg, exp_dir, name, uri, record, expected)
+    confirm_setup = None if args.no_confirm else {**setup, "defaults": space.defaults(plan["fixed"])}
+    return summarise(args, results, cfg, exp_dir, name, uri, record, expected, confirm_setup)
 
 
 def _fitting_trials(resources: dict[str, float], args) -> int | None:
@@ -330,70 +349,131 @@ def _finished_trials(record: Path) -> int:
     return sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in json.loads(record.read_text()))
 
 
-def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, expected: int) -> int:
-    """Trials table, best.yaml, parent-run artifacts and plots; exit code 130 if interrupted."""
-    from rayuda.tracking import METRIC_PREFIXES, finish_search, outcome, stage_lines
+def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial: outcome, best selection score, test-part mIoU, stage cache, knobs."""
+    from rayuda.tracking import outcome, stage_lines
 
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        params = {k: v for k, v in (result.config or {}).items()}
+        knobs = dict(result.config or {})
         history = result.metrics_dataframe
         best = float(history["score"].max()) if history is not None and "score" in history else float("nan")
         trial_id = metrics.get("trial_id", "")
         stages = stage_lines(exp_dir / "work" / "trials" / trial_id / "summary.json")
         rows.append({"trial": trial_id, "outcome": outcome(metrics, error=result.error is not None),
                      "iteration": metrics.get("iteration", 0), "best_score": best,
-                     "miou": metrics.get("miou", float("nan")),
-                     "stages": "; ".join(f"{k} {v}" for k, v in stages.items()), **params})
+                     "test_miou": metrics.get("test/miou", float("nan")),
+                     "stages": "; ".join(f"{k} {v}" for k, v in stages.items()), **knobs, "knobs": knobs})
     rows.sort(key=lambda r: -r["best_score"] if not math.isnan(r["best_score"]) else math.inf)
-    interrupted = _finished_trials(record) < expected
+    return rows
 
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("trial", "outcome", "iteration",
-                                                                           "best_score", "miou", "stages"), k))
+
+def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, expected: int,
+              confirm_setup: dict[str, Any] | None) -> int:
+    """Trials table, the confirmation phase, best.yaml, parent-run artifacts and plots; 130 if interrupted."""
+    from rayuda.tracking import finish_search
+
+    rows = trials_table(results, exp_dir)
+    interrupted = _finished_trials(record) < expected
+    keys = sorted({k for r in rows for k in r} - {"knobs"},
+                  key=lambda k: (k not in ("trial", "outcome", "iteration", "best_score", "test_miou", "stages"), k))
     table = exp_dir / "trials.csv"
     with open(table, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{'trial':<14} {'outcome':<14} {'iter':>5} {'best score':>10}  {'stage cache':<14} params")
+    metric = cfg["train"]["metric"]
+    print(f"\n{'trial':<14} {'outcome':<14} {'iter':>5} {'best score':>10} {'test mIoU':>9}  {'stage cache':<12} "
+          f"params        (score = {metric} on the selection images; test mIoU on the test images)")
     for r in rows:
-        knobs = ", ".join(f"{k}={_fmt(r[k])}" for k in keys if "." in k and k in r)
+        knobs = ", ".join(f"{k}={_fmt(v)}" for k, v in r["knobs"].items())
         cache = " ".join(line.split()[1][0] for line in r["stages"].split("; ") if line) or "-"
-        print(f"{r['trial']:<14} {r['outcome']:<14} {r['iteration']:>5} {r['best_score']:>10.4f}  {cache:<14} {knobs}")
+        print(f"{r['trial']:<14} {r['outcome']:<14} {r['iteration']:>5} {r['best_score']:>10.4f} "
+              f"{100 * r['test_miou']:>9.2f}  {cache:<12} {knobs}")
     print("(stage cache: one letter per stage of the plan — h hit, m miss, s skipped)")
 
     plots = _plots(record, exp_dir) if record.exists() else []
+    scored = [r for r in rows if not math.isnan(r["best_score"])]
+    artifacts, metrics, tags = [table, *plots], {}, {}
     best_path = None
-    best_metrics: dict[str, float] = {}
-    scored = [r for r in results if r.metrics_dataframe is not None and "score" in r.metrics_dataframe]
     if scored:
-        best = max(scored, key=lambda r: float(r.metrics_dataframe["score"].max()))
+        top = scored[0]
+        print(f"\nbest trial by selection: {top['trial']} ({metric} score {top['best_score']:.4f} on the selection "
+              f"images; test mIoU {100 * top['test_miou']:.2f})")
+        metrics.update({"best/score": top["best_score"], "best/test_miou": top["test_miou"]})
+        chosen, header = top["knobs"], [f"best trial by {metric} on the selection images: {top['trial']}"]
+        if confirm_setup is not None and not interrupted:
+            from rayuda.confirm import DEFAULTS, table_markdown
+
+            outcome_ = confirm(args, confirm_setup, rows)
+            report = exp_dir / "confirmation.md"
+            report.write_text(table_markdown(outcome_))
+            artifacts.append(report)
+            print("\nconfirmation on fresh seeds, test images:\n" + table_markdown(outcome_))
+            chosen = confirm_setup["candidates"][outcome_["winner"]]
+            header = [f"confirmed: {outcome_['text']}"]
+            tags["rayuda.verdict"] = outcome_["text"][:5000]
+            for row in outcome_["rows"]:
+                slug = row["config"].replace(" ", "_")
+                metrics[f"confirm/{slug}/mean"] = row["mean"]
+                if "gain" in row:
+                    metrics[f"confirm/{slug}/gain"] = row["gain"]
+            if outcome_["winner"] == DEFAULTS:
+                header.append("these are the paper defaults")
         best_cfg = copy.deepcopy(cfg)
-        for key, value in best.config.items():
+        for key, value in chosen.items():
             set_key(best_cfg, key, value, source="search")
         best_path = exp_dir / "best.yaml"
-        save_config(best_cfg, best_path)
+        save_config(best_cfg, best_path, header=header)
         if args.best:
-            save_config(best_cfg, args.best)
-        frame = best.metrics_dataframe
-        row = frame.loc[frame["score"].idxmax()]
-        best_metrics = {k: float(row[k]) for k in frame.columns
-                        if k.startswith(METRIC_PREFIXES) and not k.startswith("loss/") and row[k] == row[k]}
-        print(f"\nbest trial {best.metrics.get('trial_id')}: {cfg['train']['metric']} score "
-              f"{best_metrics.get('score', float('nan')):.4f}"
-              + (f", target mIoU {100 * best_metrics['miou']:.2f}" if "miou" in best_metrics else "")
-              + f" at iteration {int(row['iteration'])}; selected by {cfg['train']['metric']!r}")
+            save_config(best_cfg, args.best, header=header)
         print(f"best config → {best_path}" + (f" and {args.best}" if args.best else "")
               + f"  (python -m rayuda.train {cfg['method']} --config {args.best or best_path})")
-    finish_search(uri, f"rayuda-{cfg['method']}", str(exp_dir), best_config=best_path, trials_csv=table,
-                  plots=plots, best_metrics=best_metrics, status="KILLED" if interrupted else "FINISHED")
+    finish_search(uri, f"rayuda-{cfg['method']}", str(exp_dir), best_config=best_path, artifacts=artifacts,
+                  metrics=metrics, tags=tags, status="KILLED" if interrupted else "FINISHED")
     print(f"trials table → {table}; MLflow: mlflow ui --backend-store-uri {uri}")
     if interrupted:
         print(f"search interrupted; continue it with: python -m rayuda.tune {cfg['method']} --resume "
               f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
         return 130
     return 0
+
+
+def confirm(args, setup: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rerun the defaults and the top ``--confirm-top`` configs at full length on ``--confirm-seeds`` fresh
+    seeds (Ray trials sharing the stage cache) and compare them on the test images, paired by seed."""
+    import ray
+    from ray import tune
+
+    from rayuda.confirm import candidates, confirmation_seeds, run_confirmation, verdict
+
+    cfg = setup["config"]
+    setup["candidates"] = candidates(rows, setup["defaults"], args.confirm_top)
+    seeds = confirmation_seeds(int(cfg["seed"]), args.confirm_seeds)
+    print(f"\nconfirmation: {len(setup['candidates'])} configs ({', '.join(setup['candidates'])}) × seeds "
+          f"{seeds}, full length", flush=True)
+    trainable = tune.with_resources(tune.with_parameters(run_confirmation, setup=setup),
+                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
+    tuner = tune.Tuner(trainable,
+                       param_space={"candidate": tune.grid_search(list(setup["candidates"])),
+                                    "seed": tune.grid_search(seeds)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                       run_config=tune.RunConfig(name="confirmation", storage_path=setup["work_root"], verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    scores: dict[str, dict[int, float]] = {}
+    labelled = True
+    for result in tuner.fit():
+        if result.error is not None:
+            raise RuntimeError(f"a confirmation run failed: {result.error}")
+        m = result.metrics
+        labelled = labelled and not math.isnan(m["test_miou"])
+        scores.setdefault(m["candidate"], {})[int(m["seed"])] = m["test_miou"] if labelled else m["score"]
+    if not labelled:  # a target without labels: compare the final label-free scores instead
+        scores = {c: {s: r["score"] for s, r in v.items()} for c, v in scores.items()}
+    what = "test mIoU" if labelled else f"final {cfg['train']['metric']} score ×100"
+    return verdict(scores, args.min_gain, what)
 
 
 def _fmt(value) -> str:

@@ -25,7 +25,7 @@ def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
             *TINY, *extra]
 
 
-def runs(tmp_path: Path):
+def runs_of(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rayuda-advent")
     all_runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -38,7 +38,7 @@ def runs(tmp_path: Path):
 def search(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tune")
     proc = subprocess.run(tune_cmd(tmp_path, "--num-samples", "4", "--max-iters", "4", "--grace", "2",
-                                   "--max-concurrent", "2"),
+                                   "--max-concurrent", "2", "--confirm-top", "1", "--confirm-seeds", "2"),
                           capture_output=True, text=True, timeout=900, cwd=tmp_path,
                           env={**os.environ, "RAY_DEDUP_LOGS": "0"})  # count every trial's lines
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -47,7 +47,7 @@ def search(tmp_path_factory):
 
 def test_search_tracks_one_parent_and_a_child_per_trial_with_final_statuses(search):
     tmp_path, proc = search
-    client, parents, children = runs(tmp_path)
+    client, parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
@@ -63,9 +63,28 @@ def test_search_tracks_one_parent_and_a_child_per_trial_with_final_statuses(sear
     assert {"best.yaml", "trials.csv", "optimization_history.png"} <= parent_artifacts
 
 
+def test_confirmation_reruns_defaults_and_the_top_config_on_fresh_seeds(search):
+    tmp_path, proc = search
+    work = tmp_path / "store" / "s" / "work"
+    runs = sorted(p.name for p in (work / "confirm").iterdir() if (p / "summary.json").exists())
+    top = [r for r in runs if not r.startswith("defaults")]
+    assert runs[:2] == ["defaults-seed1", "defaults-seed2"] and len(top) in (0, 2)  # never the search seed 0
+    assert all(r.endswith(("-seed1", "-seed2")) for r in top)
+    for run in runs:  # a confirmation run is full length and reports on the test images
+        summary = json.loads((work / "confirm" / run / "summary.json").read_text())
+        assert summary["iterations"] == 4 and summary["test"]["images"] > 0
+    report = (tmp_path / "store" / "s" / "confirmation.md").read_text()
+    assert "| defaults |" in report and "**Verdict:**" in report
+    header = (tmp_path / "best.yaml").read_text().splitlines()[0]
+    assert header.startswith("# confirmed: ")
+    _, parents, _ = runs_of(tmp_path)
+    assert "rayuda.verdict" in parents[0].data.tags and "confirmation.md" in {
+        a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parents[0].info.run_id)}
+
+
 def test_asha_stopped_trials_are_pruned_in_the_optuna_study(search):
     tmp_path, _ = search
-    _, _, children = runs(tmp_path)
+    _, _, children = runs_of(tmp_path)
     stopped = sum(c.data.tags["rayuda.outcome"] == "early_stopped" for c in children)
     record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
     states = sorted(r["state"] for r in record)
@@ -78,13 +97,15 @@ def test_asha_stopped_trials_are_pruned_in_the_optuna_study(search):
 
 def test_source_stage_is_trained_once_per_search(search):
     tmp_path, proc = search
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "store" / "s" / "work").glob("trials/*/summary.json")]
-    warm = [s["stages"][0] for s in summaries]
-    assert len(warm) >= 2  # trials that ran to the end
-    stage_dirs = list((tmp_path / "store" / "s" / "stage-cache").glob("source_only-*"))
-    assert len(stage_dirs) == 1
-    assert proc.stdout.count("[stage 1/2 source_only] computed") == 1
-    assert proc.stdout.count("[stage 1/2 source_only] cache hit") == 3
+    work = tmp_path / "store" / "s" / "work"
+    summaries = [json.loads(p.read_text()) for p in work.glob("trials/*/summary.json")]
+    assert len(summaries) >= 2  # trials that ran to the end
+    assert len({s["stages"][0]["dir"] for s in summaries}) == 1  # one source-only stage for every trial
+    confirm_runs = len(list(work.glob("confirm/*/summary.json")))
+    # seed 0 (the search) and seeds 1, 2 (the confirmation): one source-only stage each, computed once
+    assert len(list((tmp_path / "store" / "s" / "stage-cache").glob("source_only-*"))) == 3
+    assert proc.stdout.count("[stage 1/2 source_only] computed") == 3
+    assert proc.stdout.count("[stage 1/2 source_only] cache hit") == 3 + confirm_runs - 2
 
 
 def test_best_config_is_accepted_by_rayuda_train(search, tmp_path):
@@ -100,7 +121,7 @@ def test_best_config_is_accepted_by_rayuda_train(search, tmp_path):
 
 def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     cmd = tune_cmd(tmp_path, "--num-samples", "3", "--max-iters", "6", "--grace", "6", "--max-concurrent", "1",
-                   "--set", "train.eval_every=2")
+                   "--set", "train.eval_every=2", "--no-confirm")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                             start_new_session=True)
     trials = tmp_path / "store" / "s" / "work" / "trials"
@@ -111,12 +132,12 @@ def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-3000:]
-    _, _, before = runs(tmp_path)
+    _, _, before = runs_of(tmp_path)
     assert 1 <= len(before) < 3 or proc.returncode == 130
 
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    _, parents, children = runs(tmp_path)
+    _, parents, children = runs_of(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [c.data.tags["rayuda.trial_id"] for c in children]
     assert len(ids) == 3 and len(set(ids)) == 3
@@ -145,11 +166,11 @@ def test_label_free_search_on_an_unlabelled_folder_target(tmp_path):
     assert not (tmp_path / "store").exists()  # refused before Ray started
 
     proc = subprocess.run([*base, "--target", f"folder:{target}", "--metric", "flip_agreement", "--num-samples", "1",
-                           "--max-iters", "2", "--grace", "2"], capture_output=True, text=True, timeout=600,
+                           "--max-iters", "2", "--grace", "2", "--no-confirm"], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "selected by 'flip_agreement'" in proc.stdout
-    _, parents, children = runs(tmp_path)
+    _, parents, children = runs_of(tmp_path)
     assert parents[0].data.params["selection_metric"] == "flip_agreement"
     assert children[0].data.tags["rayuda.selection_metric"] == "flip_agreement"
     assert "flip_agreement" in children[0].data.metrics and "miou" not in children[0].data.metrics
@@ -169,7 +190,7 @@ def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):
            "--storage", str(tmp_path / "store"), "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
            "--best", str(tmp_path / "best.yaml"),
            *TINY, "--set", "stages.round1.iters=2", "--set", "stages.round2.iters=2", "--num-samples", "3",
-           "--grace", "2", "--max-concurrent", "1"]
+           "--grace", "2", "--max-concurrent", "1", "--no-confirm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "3 trials × 4 iterations" in proc.stdout  # max_t = round 1 + round 2

@@ -24,9 +24,11 @@ from torch.utils.data import Subset
 
 from rayuda.config import ConfigError, flatten, save_config
 from rayuda.data import open_dataset, with_pseudo_labels
+from rayuda.data.split import SMALL_TEST, split_images
 from rayuda.data.transforms import Transform
 from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
+from rayuda.engine.evaluate import SELECTION_METRICS, evaluate
 from rayuda.engine.loop import Report, Runtime, StageData, train_stage
 from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
 from rayuda.engine.plan import check_plan, stage_identity, stage_key, stage_slice
@@ -89,12 +91,35 @@ def _train_set(run: PlanRun, cfg, what: str | None, transform: Transform):
     return with_pseudo_labels(target, run.dirs[ref] / LABELS, stats["subsets"][subset], what)
 
 
-def _holdout(cfg):
+def holdout_parts(cfg) -> tuple[Subset, Subset | None]:
+    """The target holdout's *selection* part (the search's score, checkpoint choice) and *test* part (the
+    numbers reported as results; ``None`` when empty). With ``miou`` the labelled images are split by a seeded
+    hash of their names (``data.test_fraction``, ``data.split_seed``); with a label-free metric every holdout
+    image serves the proxy and every labelled one is test."""
     holdout = open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"],
                            transform=_eval_transform(cfg["data"]), seed=cfg["seed"])
-    if cfg["data"]["holdout"] is not None:
-        holdout = Subset(holdout, range(min(int(cfg["data"]["holdout"]), len(holdout))))
-    return holdout
+    count = len(holdout) if cfg["data"]["holdout"] is None else min(int(cfg["data"]["holdout"]), len(holdout))
+    if SELECTION_METRICS[cfg["train"]["metric"]][0] != "miou":
+        return Subset(holdout, range(count)), Subset(holdout, range(count)) if holdout.has_labels else None
+    names = [holdout.files[i][0].name for i in range(count)]
+    select, test = split_images(names, float(cfg["data"]["test_fraction"]), int(cfg["data"]["split_seed"]))
+    if not select:
+        raise ConfigError(f"the selection part of the target holdout is empty ({count} labelled images, "
+                          f"data.test_fraction={cfg['data']['test_fraction']}): lower data.test_fraction")
+    return Subset(holdout, select), Subset(holdout, test) if test else None
+
+
+def describe_holdout(cfg) -> str:
+    """One line saying which images produce which number, with a warning when the test part is too small."""
+    select, test = holdout_parts(cfg)
+    metric = cfg["train"]["metric"]
+    line = (f"target holdout: {len(select)} images select ({metric}), "
+            f"{len(test) if test else 0} labelled images test (reported mIoU)")
+    if test is None:
+        line += "; WARNING: no test images, results are reported on the selection images"
+    elif len(test) < SMALL_TEST:
+        line += f"; WARNING: under {SMALL_TEST} test images cannot separate candidates ~1 mIoU apart"
+    return line
 
 
 def _load_model(run: PlanRun, cfg, stage_name: str | None) -> torch.nn.Module:
@@ -106,6 +131,10 @@ def _load_model(run: PlanRun, cfg, stage_name: str | None) -> torch.nn.Module:
 
 
 def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: Report | None) -> dict[str, Any]:
+    deterministic = bool(cfg["train"]["deterministic"])
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(deterministic)
     seed = int(cfg["seed"]) + index
     seed_everything(seed)
     init = {"upstream": run.last_train, "model.init": None}.get(stage.init, stage.init)
@@ -114,7 +143,8 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
     frozen = {"teacher": _load_model(run, cfg, stage.teacher)} if stage.teacher else {}
     data = StageData(source=_train_set(run, cfg, stage.source, train_tf),
                      target=_train_set(run, cfg, stage.target, train_tf),
-                     holdout=_holdout(cfg) if stage.reported else None, class_names=run.class_names, frozen=frozen)
+                     holdout=holdout_parts(cfg)[0] if stage.reported else None, class_names=run.class_names,
+                     frozen=frozen)
     seed_everything(seed)
     result = train_stage(label=stage.name, config=cfg, params=_params(cfg, stage), method=stage.step(), model=model,
                          data=data, work_dir=work_dir, runtime=run.runtime, report=report)
@@ -128,6 +158,21 @@ def _pseudo_labels(run: PlanRun, stage: Stage, cfg, work_dir: Path) -> dict[str,
                            transform=_eval_transform(cfg["data"]))
     labeller = stage.labeller(_params(cfg, stage), run.class_names)
     return pseudo_label_pass(model, dataset, labeller, work_dir, device=run.runtime.device)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on beyond the config: library versions, the processor, threads."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -164,7 +209,8 @@ def run_pipeline(
 
     ``out_dir`` receives ``config.yaml`` (the resolved config), ``summary.json`` (metrics and every stage's
     key, cache hit/miss and seconds), and ``best_model.pt`` / ``model.pt`` (links into the stage cache).
-    Calling it again on an unfinished ``out_dir`` resumes; on a finished one it returns the summary.
+    Calling it again on an unfinished ``out_dir`` resumes; on a finished one it returns the summary (or, with
+    a ``report`` hook, replays the cached stages' evaluations, so a restored Tune trial still gets its reports).
     """
     start_time = time.time()
     config = copy.deepcopy(config)
@@ -172,7 +218,7 @@ def run_pipeline(
     cfg = resolve_config(method, flatten(config))
     out_dir = Path(out_dir)
     done = _finished(cfg, out_dir)
-    if done is not None:
+    if done is not None and report is None:  # with a report hook (a Tune trial), replay the cached stages
         print(f"[{method}] {out_dir} already holds this finished run; not training again", flush=True)
         return done
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +236,7 @@ def run_pipeline(
     total = sum(int(cfg["stages"][s.name]["iters"]) for s in reported)
     print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
           f"[{method}] plan: " + " → ".join(s.name + (" (reported)" if s.reported else "") for s in plan)
-          + f"; {total} reported iterations", flush=True)
+          + f"; {total} reported iterations\n[{method}] {describe_holdout(cfg)}", flush=True)
 
     records, upstream, offset = [], None, 0
     for index, stage in enumerate(plan):
@@ -247,16 +293,37 @@ def run_pipeline(
             offset += iters
         upstream = key
 
-    return _summarise(run, method, records, out_dir, start_time, total)
+    best = max(run.evals, key=lambda m: m["score"])
+    _link(run.dirs[best["stage"]] / "best_model.pt", out_dir / "best_model.pt")
+    _link(run.dirs[run.last_train] / "model.pt", out_dir / "model.pt")
+    return _summarise(run, method, records, out_dir, start_time, total, _test_results(run, out_dir))
 
 
-def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: float, total: int) -> dict[str, Any]:
-    """``summary.json``: the last evaluation, the best one (its model linked as ``best_model.pt``), the stages."""
+def _test_results(run: PlanRun, out_dir: Path) -> dict[str, Any] | None:
+    """The final and the selected (best-scoring) model on the holdout's test part: the reported results."""
+    select, test = holdout_parts(run.cfg)
+    out: dict[str, Any] = {"selection_images": len(select), "images": len(test) if test else 0}
+    if test is None:
+        return out
+    for name, weights in (("final", "model.pt"), ("selected", "best_model.pt")):
+        model = _load_model(run, run.cfg, None)
+        model.load_state_dict(load_checkpoint(out_dir / weights))
+        metrics = evaluate(model, test, num_classes=len(run.class_names), device=run.runtime.device,
+                           class_names=run.class_names)
+        out[name] = {"miou": metrics["miou"], "per_class_iou": {k[4:]: v for k, v in metrics.items()
+                                                                if k.startswith("iou/")}}
+    print(f"[{run.cfg['method']}] test part ({out['images']} images): final model mIoU "
+          f"{100 * out['final']['miou']:.2f}, selected model {100 * out['selected']['miou']:.2f}", flush=True)
+    return out
+
+
+def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: float, total: int,
+               test: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``: the last evaluation and the best one (on the selection images; the best model is
+    ``best_model.pt``), the test part's results, the stages and the machine that computed them."""
     cfg, evals = run.cfg, run.evals
     last = evals[-1]
     best = max(evals, key=lambda m: m["score"])
-    _link(run.dirs[best["stage"]] / "best_model.pt", out_dir / "best_model.pt")
-    _link(run.dirs[run.last_train] / "model.pt", out_dir / "model.pt")
     summary = {
         "method": method,
         "miou": last.get("miou", float("nan")),
@@ -270,7 +337,9 @@ def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: fl
         "target_entropy": last["target_entropy"],
         "flip_agreement": last["flip_agreement"],
         "seed": cfg["seed"],
+        "test": test,
         "stages": records,
+        "environment": environment(),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

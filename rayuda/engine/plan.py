@@ -20,11 +20,12 @@ ENGINE_VERSION = 1
 
 #: What every train stage reads: seeds, the transform, G's architecture and init, the optimiser.
 TRAIN_KEYS = ("seed", "protocol", "data.batch_size", "data.size", "data.crop", "data.flip", "data.jitter",
-              "model", "optim.momentum", "optim.weight_decay", "optim.power", "train.amp")
+              "model", "optim.momentum", "optim.weight_decay", "optim.power", "train.amp", "train.deterministic")
 #: Read by train stages whose method adds discriminators.
 ADVERSARIAL_KEYS = ("optim.lr_d", "optim.betas")
 #: Read by reported stages only: their evaluations on the labelled target holdout.
-EVALUATION_KEYS = ("target", "data.holdout", "train.metric", "train.eval_every", "train.num_masks")
+EVALUATION_KEYS = ("target", "data.holdout", "data.test_fraction", "data.split_seed", "train.metric",
+                   "train.eval_every", "train.num_masks")
 #: What a pseudo-label pass reads: the target images at the evaluation size, and G's architecture.
 PASS_KEYS = ("protocol", "target", "data.size", "model")
 

@@ -1,0 +1,63 @@
+"""Select/test split of the holdout and the confirmation phase's verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayuda.config import ConfigError
+from rayuda.confirm import DEFAULTS, candidates, confirmation_seeds, verdict
+from rayuda.data.split import split_images
+from rayuda.engine.pipeline import describe_holdout, holdout_parts
+from rayuda.methods import resolve_config
+
+
+def test_split_is_deterministic_disjoint_and_stable_when_images_are_added():
+    names = [f"img{i:03d}.png" for i in range(200)]
+    select, test = split_images(names, 0.5, seed=0)
+    assert (select, test) == split_images(names, 0.5, seed=0)
+    assert not set(select) & set(test) and sorted(select + test) == list(range(200))
+    assert 70 < len(test) < 130  # about half
+    more = names + [f"new{i:03d}.png" for i in range(50)]
+    select2, test2 = split_images(more, 0.5, seed=0)
+    assert {names[i] for i in test} == {more[i] for i in test2 if i < 200}  # no old image changed part
+    assert split_images(names, 0.5, seed=1)[1] != test  # the split seed matters
+    assert split_images(names, 0.0, seed=0) == (list(range(200)), [])
+
+
+def test_holdout_parts_split_labelled_images_and_refuse_an_empty_selection():
+    cfg = resolve_config("advent")
+    select, test = holdout_parts(cfg)
+    assert len(select) + len(test) == 100 and not set(select.indices) & set(test.indices)
+    assert "WARNING" not in describe_holdout(cfg)
+    small = resolve_config("advent", {"data.holdout": 20})
+    assert "cannot separate candidates" in describe_holdout(small)
+    label_free = resolve_config("advent", {"train.metric": "entropy"})
+    select, test = holdout_parts(label_free)
+    assert len(select) == len(test) == 100  # every labelled image is test; the proxy needs no labels
+    with pytest.raises(ConfigError, match="selection part of the target holdout is empty"):
+        holdout_parts(resolve_config("advent", {"data.holdout": 1, "data.test_fraction": 0.99}))
+
+
+def test_a_planted_worse_candidate_leaves_the_defaults_as_the_answer():
+    scores = {DEFAULTS: {1: 0.20, 2: 0.21, 3: 0.19}, "trial a": {1: 0.18, 2: 0.20, 3: 0.17}}
+    result = verdict(scores, min_gain=1.0)
+    assert result["winner"] == DEFAULTS and "keep the defaults" in result["text"]
+    row = next(r for r in result["rows"] if r["config"] == "trial a")
+    assert row["gain"] == pytest.approx(-5 / 3) and not row["beats_defaults"]
+
+
+def test_a_candidate_wins_only_beyond_noise_and_the_minimum_gain():
+    better = {DEFAULTS: {1: 0.20, 2: 0.22, 3: 0.18}, "trial b": {1: 0.23, 2: 0.25, 3: 0.21}}
+    assert verdict(better, min_gain=1.0)["winner"] == "trial b"  # +3 ± 0 points on every seed
+    assert verdict(better, min_gain=5.0)["winner"] == DEFAULTS
+    noisy = {DEFAULTS: {1: 0.20, 2: 0.22, 3: 0.18}, "trial c": {1: 0.26, 2: 0.20, 3: 0.19}}
+    assert verdict(noisy, min_gain=1.0)["winner"] == DEFAULTS  # +1.67 ± 3.8: within seed noise
+
+
+def test_candidates_are_the_defaults_and_the_top_finished_trials():
+    rows = [{"trial": "t1", "outcome": "finished", "best_score": 0.3, "knobs": {"x": 2}},
+            {"trial": "t2", "outcome": "early_stopped", "best_score": 0.5, "knobs": {"x": 3}},
+            {"trial": "t3", "outcome": "finished", "best_score": 0.4, "knobs": {"x": 1}},
+            {"trial": "t4", "outcome": "finished", "best_score": 0.2, "knobs": {"x": 4}}]
+    assert candidates(rows, {"x": 1}, top_k=2) == {DEFAULTS: {"x": 1}, "trial t1": {"x": 2}, "trial t4": {"x": 4}}
+    assert confirmation_seeds(0, 3) == [1, 2, 3]
