@@ -9,13 +9,13 @@ at least ``min_gain`` mIoU and by more than twice the standard error of the pair
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from rayuda.config import set_key
+from rayuda.search import config_for
 
 DEFAULTS = "defaults"
 
@@ -92,9 +92,7 @@ def run_confirmation(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     from rayuda.engine import run_pipeline
 
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
-    cfg = copy.deepcopy(setup["config"])
-    for key, value in setup["candidates"][params["candidate"]].items():
-        set_key(cfg, key, value, source="confirmation")
+    cfg = config_for(setup["configs"], setup["candidates"][params["candidate"]])
     set_key(cfg, "seed", params["seed"], source="confirmation")
     slug = params["candidate"].replace(" ", "-")
     out_dir = Path(setup["work_root"]) / "confirm" / f"{slug}-seed{params['seed']}"

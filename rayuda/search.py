@@ -17,12 +17,13 @@ or inverted ranges, defaults outside their range, conditions on unknown knobs.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayuda.config import ConfigError, flatten, load_yaml
+from rayuda.config import ConfigError, flatten, load_yaml, set_key
 from rayuda.methods import default_config
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -164,3 +165,16 @@ def define_by_run(trial, knobs: list[dict[str, Any]], fixed: dict[str, Any]) -> 
 def optuna_space(space: SearchSpace, fixed: dict[str, Any] | None = None):
     """The define-by-run callable for ``OptunaSearch(space=...)``."""
     return functools.partial(define_by_run, knobs=[k.to_dict() for k in space.knobs], fixed=dict(fixed or {}))
+
+
+def config_for(configs: dict[str, dict[str, Any]], knobs: dict[str, Any]) -> dict[str, Any]:
+    """A trial's resolved config: its method's base config (``configs[method]``) with the sampled knobs set.
+    In a search across methods the knobs hold ``method`` and ``METHOD:key`` entries (see ``rayuda.tune``)."""
+    knobs = dict(knobs)
+    method = knobs.pop("method", None) or next(iter(configs))
+    cfg = copy.deepcopy(configs[method])
+    for key, value in knobs.items():
+        owner, _, name = key.rpartition(":")
+        if owner in ("", method):
+            set_key(cfg, name, value, source="search space")
+    return cfg

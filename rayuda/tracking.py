@@ -98,11 +98,12 @@ class MlflowTracker(tune.Callback):
     It holds only plain data so that Ray can pickle it with the experiment and restore it on resume.
     """
 
-    def __init__(self, uri: str, experiment: str, search_id: str, run_name: str, base_config: dict[str, Any],
-                 search_params: dict[str, Any], work_root: str):
+    def __init__(self, uri: str, experiment: str, search_id: str, run_name: str,
+                 base_configs: dict[str, dict[str, Any]], search_params: dict[str, Any], work_root: str):
+        """``base_configs``: each method's resolved config before the knobs (one entry unless ``auto``)."""
         self.work_root = work_root
         self.uri, self.experiment, self.search_id, self.run_name = uri, experiment, search_id, run_name
-        self.base_config, self.search_params = base_config, search_params
+        self.base_configs, self.search_params = base_configs, search_params
         self._client = None
         self._experiment_id: str | None = None
         self._parent: str | None = None
@@ -135,7 +136,8 @@ class MlflowTracker(tune.Callback):
                 run = client.create_run(self._experiment_id, run_name=self.run_name,
                                         tags={"rayuda.search": self.search_id, "rayuda.role": "search"})
                 self._parent = run.info.run_id
-                params = {**self.search_params, **{f"base.{k}": v for k, v in flatten(self.base_config).items()}}
+                base = next(iter(self.base_configs.values())) if len(self.base_configs) == 1 else {}
+                params = {**self.search_params, **{f"base.{k}": v for k, v in flatten(base).items()}}
                 self._log_params(self._parent, params)
         return self._parent
 
@@ -151,12 +153,17 @@ class MlflowTracker(tune.Callback):
                     self.client.update_run(run_id, status="RUNNING")
             else:
                 tags = {"mlflow.parentRunId": parent, "rayuda.trial_id": trial.trial_id, "rayuda.role": "trial",
-                        "rayuda.selection_metric": self.base_config["train"]["metric"]}
+                        "rayuda.selection_metric": self._config_of(trial)["train"]["metric"]}
                 run_id = self.client.create_run(self._experiment_id, run_name=str(trial), tags=tags).info.run_id
-                params = {**flatten(self.base_config), **(trial.config or {})}
+                params = {**flatten(self._config_of(trial)), **(trial.config or {})}
                 self._log_params(run_id, params)
             self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _config_of(self, trial) -> dict[str, Any]:
+        """The base config of the trial's method."""
+        method = (trial.config or {}).get("method")
+        return self.base_configs.get(method) or next(iter(self.base_configs.values()))
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

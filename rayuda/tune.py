@@ -3,11 +3,14 @@
 Ray Tune runs the trials (each one is :func:`rayuda.engine.run_pipeline`, exactly what
 ``rayuda.train`` runs), Optuna's TPE proposes them from ``search_spaces/<method>.yaml`` (the paper's
 defaults are the first trial), ASHA stops weak trials early on the selection metric, and every trial
-is tracked in MLflow. Trials share a stage cache, so the source-only warm start is trained once.
+is tracked in MLflow. Trials share a stage cache, so every stage trials agree on is computed once. The
+search selects on one part of the labelled target holdout and reports on the other; a confirmation phase
+then reruns the best configs and the paper defaults on fresh seeds and says whether tuning paid off.
 
 Examples::
 
     python -m rayuda.tune cram                                   # small search on minicity, CPU
+    python -m rayuda.tune auto --methods advent,cram,fgdem       # the method is a knob too
     python -m rayuda.tune advent --target folder:/data/mycity --num-samples 32 --gpus-per-trial 0.5
     python -m rayuda.tune cram --resume                          # continue the latest cram search
     mlflow ui --backend-store-uri sqlite:///mlflow.db            # browse the trials
@@ -23,22 +26,25 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rayuda.config import ConfigError, parse_assignments, save_config, set_key
+from rayuda.config import ConfigError, flatten, parse_assignments, save_config, set_key
 from rayuda.data import DatasetError
 from rayuda.engine.evaluate import SELECTION_METRICS
 from rayuda.engine.plan import check_plan, final_stage, reported_iterations
 from rayuda.methods import METHODS, plan_of, resolve_config
-from rayuda.search import load_space, optuna_space
+from rayuda.search import Knob, SearchSpace, config_for, load_space, optuna_space
 
 DEFAULT_STORAGE = "rayuda_results"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rayuda.tune", description=__doc__.split("\n")[0])
-    p.add_argument("method", help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("method", help=f"one of: {', '.join(sorted(METHODS))}, or auto (the method is a knob too)")
+    p.add_argument("--methods", default=None,
+                   help="with auto: comma-separated methods to search across (default: every adaptation method)")
     p.add_argument("--source", help="source dataset SPEC (default minicity)")
     p.add_argument("--target", help="target dataset SPEC, e.g. folder:PATH (default minicity)")
     p.add_argument("--config", help="base YAML config the search starts from")
@@ -162,9 +168,7 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     from rayuda.engine import run_pipeline
 
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
-    cfg = copy.deepcopy(setup["config"])
-    for key, value in params.items():
-        set_key(cfg, key, value, source="search space")
+    cfg = config_for(setup["configs"], params)
     out_dir = Path(setup["work_root"]) / "trials" / tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()  # which machine ran it, tagged in MLflow
     last: list[tuple[dict[str, Any], Path]] = []
@@ -190,33 +194,71 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
 
 
 # -- the command -----------------------------------------------------------------------------------
+AUTO = "auto"
+
+
+def search_methods(args) -> list[str]:
+    """The methods a search covers: ``METHOD``, or for ``auto`` the ``--methods`` list (default: every
+    adaptation method)."""
+    if args.method != AUTO:
+        if args.methods:
+            raise ConfigError("--methods is for `python -m rayuda.tune auto`")
+        if args.method not in METHODS:
+            raise ConfigError(f"unknown method {args.method!r}; valid methods: {AUTO}, {', '.join(sorted(METHODS))}")
+        return [args.method]
+    methods = args.methods.split(",") if args.methods else sorted(set(METHODS) - {"source_only"})
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown {unknown}; valid methods: {', '.join(sorted(METHODS))}")
+    if args.config or args.space:
+        raise ConfigError("`auto` takes neither --config nor --space: it uses each method's search space; "
+                          "fix keys with --set")
+    return methods
+
+
+def method_config(args, method: str, overrides: dict[str, Any], auto: bool) -> dict[str, Any]:
+    """``method``'s resolved config with the command line applied (for ``auto``: the keys it has)."""
+    keys = set(flatten(resolve_config(method))) | {k for k in overrides if k.split(".")[0] in ("source", "target")}
+    mine = {k: v for k, v in overrides.items() if not auto or k in keys or any(k.startswith(p + ".") for p in keys)}
+    cfg = resolve_config(method, mine, args.config)
+    if args.max_iters is not None:
+        set_key(cfg, f"stages.{final_stage(cfg)}.iters", args.max_iters, source="--max-iters")
+    return cfg
+
+
 def prepare(args) -> dict[str, Any]:
-    """Validate everything the search needs before Ray starts: method, config, space, data specs."""
-    if args.method not in METHODS:
-        raise ConfigError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    """Validate everything the search needs before Ray starts: methods, configs, space, data specs."""
+    methods = search_methods(args)
+    auto = args.method == AUTO
     overrides = parse_assignments(args.set)
     for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed),
                        ("train.metric", args.metric), ("data.holdout", args.holdout),
                        ("data.test_fraction", args.test_fraction), ("train.deterministic", args.deterministic or None)):
         if value is not None:
             overrides[key] = value
-    cfg = resolve_config(args.method, overrides, args.config)
-    if args.max_iters is not None:
-        key = f"stages.{final_stage(cfg)}.iters"
-        set_key(cfg, key, args.max_iters, source="--max-iters")
-        overrides[key] = args.max_iters
-    space = load_space(args.method, args.space)
-    fixed = {k: v for k, v in overrides.items() if k in {knob.name for knob in space.knobs}}
-    space = space.without(fixed)
+    configs = {m: method_config(args, m, overrides, auto) for m in methods}
+    if auto:
+        unused = [k for k in overrides if not any(k in flatten(c) for c in configs.values())]
+        if unused:
+            raise ConfigError(f"--set {', '.join(unused)}: no method of the search has this key")
+    spaces = {m: load_space(m, args.space) for m in methods}
+    fixed = {k: v for k, v in overrides.items() if any(k in {kn.name for kn in sp.knobs} for sp in spaces.values())}
+    for m in methods:
+        if args.max_iters is not None:
+            fixed[f"stages.{final_stage(configs[m])}.iters"] = args.max_iters
+    spaces = {m: sp.without(fixed) for m, sp in spaces.items()}
+    space = auto_space(spaces) if auto else spaces[methods[0]]
     if not space.knobs:
         raise ConfigError("every knob of the search space is fixed by --set: nothing to search")
-    max_iters = longest_trial(cfg, space)
+    max_iters = max(longest_trial(configs[m], spaces[m]) for m in methods)
     grace = args.grace or max(1, max_iters // 4)
     if not 0 < grace <= max_iters:
         raise ConfigError(f"--grace must lie in 1..{max_iters} (the trial length), got {grace}")
-    if "train.eval_every" not in overrides:
-        cfg["train"]["eval_every"] = grace  # ASHA needs a score at each rung
-    check_plan(plan_of(cfg), cfg)
+    for cfg in configs.values():
+        if "train.eval_every" not in overrides:
+            cfg["train"]["eval_every"] = grace  # ASHA needs a score at each rung
+        check_plan(plan_of(cfg), cfg)
+    cfg = configs[methods[0]]
     from rayuda.data import open_dataset  # fail on a bad dataset spec now, not inside every trial
 
     for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target")):
@@ -230,9 +272,35 @@ def prepare(args) -> dict[str, Any]:
     from rayuda.engine.pipeline import describe_holdout
 
     print(describe_holdout(cfg), flush=True)  # also refuses an empty selection part
+    if auto and metric != "miou":
+        print(f"WARNING: comparing methods on the label-free {metric!r} score favours methods that minimise "
+              f"entropy (minent, advent, fgdem); prefer a few labelled target images and --metric miou", flush=True)
     if not args.no_confirm and (args.confirm_top < 0 or args.confirm_seeds < 1 or args.min_gain < 0):
         raise ConfigError("--confirm-top must be ≥ 0, --confirm-seeds ≥ 1 and --min-gain ≥ 0 (or --no-confirm)")
-    return {"config": cfg, "space": space, "fixed": fixed, "max_iters": max_iters, "grace": grace}
+    return {"configs": configs, "space": space, "spaces": spaces, "fixed": fixed, "max_iters": max_iters,
+            "grace": grace}
+
+
+def auto_space(spaces: dict[str, SearchSpace]) -> SearchSpace:
+    """One space over several methods: ``method`` is a categorical knob (the first method's paper defaults are
+    the first trial) and each method's knobs, named ``METHOD:key`` (not ``/``: Ray nests such keys), exist only
+    when it is chosen."""
+    methods = list(spaces)
+    knobs = [Knob("method", "categorical", methods[0], choices=tuple(methods))]
+    for method, space in spaces.items():
+        own = {k.name for k in space.knobs}
+        for knob in space.knobs:
+            condition = {(f"{method}:{k}" if k in own else k): v for k, v in knob.condition.items()}
+            knobs.append(replace(knob, name=f"{method}:{knob.name}", condition={**condition, "method": (method,)}))
+    return SearchSpace(AUTO, tuple(knobs), ", ".join(sp.source for sp in spaces.values()))
+
+
+def method_defaults(plan: dict[str, Any], method: str) -> dict[str, Any]:
+    """The knobs of ``method`` at the paper's values, as the search's params (prefixed for ``auto``)."""
+    defaults = plan["spaces"][method].defaults(plan["fixed"])
+    if plan["space"].method != AUTO:
+        return defaults
+    return {"method": method, **{f"{method}:{k}": v for k, v in defaults.items()}}
 
 
 def longest_trial(cfg: dict[str, Any], space) -> int:
@@ -281,13 +349,15 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
 
     from rayuda.tracking import MlflowTracker, default_tracking_uri
 
-    cfg, space, max_iters = plan["config"], plan["space"], plan["max_iters"]
+    configs, space, max_iters = plan["configs"], plan["space"], plan["max_iters"]
+    cfg = next(iter(configs.values()))  # seed, data and metric are the same in every method's config
     work_root = exp_dir / "work"
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else exp_dir / "stage-cache"
     work_root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, exp_dir / "base_config.yaml")
+    for method, method_cfg in configs.items():
+        save_config(method_cfg, exp_dir / ("base_config.yaml" if len(configs) == 1 else f"base_config-{method}.yaml"))
     uri = args.mlflow_uri or default_tracking_uri()
-    setup = {"config": cfg, "work_root": str(work_root), "cache_dir": str(cache_dir),
+    setup = {"configs": configs, "work_root": str(work_root), "cache_dir": str(cache_dir),
              "cpus_per_trial": args.cpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
@@ -313,8 +383,9 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         scheduler = ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
                                   reduction_factor=args.reduction_factor)
         tracker = MlflowTracker(
-            uri, f"rayuda-{args.method}", str(exp_dir), name, cfg,
-            {"method": args.method, "num_samples": args.num_samples, "max_iters": max_iters, "grace": plan["grace"],
+            uri, f"rayuda-{args.method}", str(exp_dir), name, configs,
+            {"method": args.method, "methods": ",".join(configs), "num_samples": args.num_samples,
+             "max_iters": max_iters, "grace": plan["grace"],
              "reduction_factor": args.reduction_factor, "selection_metric": metric_name,
              "space": space.source}, str(work_root))
         tuner = tune.Tuner(
@@ -330,8 +401,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         plan_file.write_text(json.dumps({"num_samples": args.num_samples}))
     results = tuner.fit()
     expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
-    confirm_setup = None if args.no_confirm else {**setup, "defaults": space.defaults(plan["fixed"])}
-    return summarise(args, results, cfg, exp_dir, name, uri, record, expected, confirm_setup)
+    return summarise(args, results, plan, exp_dir, name, uri, record, expected, None if args.no_confirm else setup)
 
 
 def _fitting_trials(resources: dict[str, float], args) -> int | None:
@@ -369,11 +439,12 @@ def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Path, expected: int,
+def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri: str, record: Path, expected: int,
               confirm_setup: dict[str, Any] | None) -> int:
     """Trials table, the confirmation phase, best.yaml, parent-run artifacts and plots; 130 if interrupted."""
     from rayuda.tracking import finish_search
 
+    cfg = next(iter(plan["configs"].values()))
     rows = trials_table(results, exp_dir)
     interrupted = _finished_trials(record) < expected
     keys = sorted({k for r in rows for k in r} - {"knobs"},
@@ -406,7 +477,8 @@ def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Pa
         if confirm_setup is not None and not interrupted:
             from rayuda.confirm import DEFAULTS, table_markdown
 
-            outcome_ = confirm(args, confirm_setup, rows)
+            top_method = top["knobs"].get("method", cfg["method"])
+            outcome_ = confirm(args, confirm_setup, rows, method_defaults(plan, top_method))
             report = exp_dir / "confirmation.md"
             report.write_text(table_markdown(outcome_))
             artifacts.append(report)
@@ -421,26 +493,24 @@ def summarise(args, results, cfg, exp_dir: Path, name: str, uri: str, record: Pa
                     metrics[f"confirm/{slug}/gain"] = row["gain"]
             if outcome_["winner"] == DEFAULTS:
                 header.append("these are the paper defaults")
-        best_cfg = copy.deepcopy(cfg)
-        for key, value in chosen.items():
-            set_key(best_cfg, key, value, source="search")
+        best_cfg = config_for(plan["configs"], chosen)
         best_path = exp_dir / "best.yaml"
         save_config(best_cfg, best_path, header=header)
         if args.best:
             save_config(best_cfg, args.best, header=header)
         print(f"best config → {best_path}" + (f" and {args.best}" if args.best else "")
-              + f"  (python -m rayuda.train {cfg['method']} --config {args.best or best_path})")
-    finish_search(uri, f"rayuda-{cfg['method']}", str(exp_dir), best_config=best_path, artifacts=artifacts,
+              + f"  (python -m rayuda.train {best_cfg['method']} --config {args.best or best_path})")
+    finish_search(uri, f"rayuda-{args.method}", str(exp_dir), best_config=best_path, artifacts=artifacts,
                   metrics=metrics, tags=tags, status="KILLED" if interrupted else "FINISHED")
     print(f"trials table → {table}; MLflow: mlflow ui --backend-store-uri {uri}")
     if interrupted:
-        print(f"search interrupted; continue it with: python -m rayuda.tune {cfg['method']} --resume "
+        print(f"search interrupted; continue it with: python -m rayuda.tune {args.method} --resume "
               f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
         return 130
     return 0
 
 
-def confirm(args, setup: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def confirm(args, setup: dict[str, Any], rows: list[dict[str, Any]], defaults: dict[str, Any]) -> dict[str, Any]:
     """Rerun the defaults and the top ``--confirm-top`` configs at full length on ``--confirm-seeds`` fresh
     seeds (Ray trials sharing the stage cache) and compare them on the test images, paired by seed."""
     import ray
@@ -448,8 +518,8 @@ def confirm(args, setup: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str
 
     from rayuda.confirm import candidates, confirmation_seeds, run_confirmation, verdict
 
-    cfg = setup["config"]
-    setup["candidates"] = candidates(rows, setup["defaults"], args.confirm_top)
+    cfg = next(iter(setup["configs"].values()))
+    setup["candidates"] = candidates(rows, defaults, args.confirm_top)
     seeds = confirmation_seeds(int(cfg["seed"]), args.confirm_seeds)
     print(f"\nconfirmation: {len(setup['candidates'])} configs ({', '.join(setup['candidates'])}) × seeds "
           f"{seeds}, full length", flush=True)

@@ -125,3 +125,23 @@ def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(t
     assert failed.state == optuna.trial.TrialState.FAIL
     rebuilt = study_from_record(tmp_path / "record.json")
     assert [t.state.name for t in rebuilt.trials] == ["COMPLETE", "PRUNED"]
+
+
+def test_a_space_across_methods_names_each_knob_by_its_method_and_builds_each_trials_config():
+    from rayuda.methods import resolve_config
+    from rayuda.search import config_for
+    from rayuda.tune import auto_space
+
+    space = auto_space({m: load_space(m) for m in ("advent", "cram")})
+    names = [k.name for k in space.knobs]
+    assert names[0] == "method" and "advent:params.w_adv" in names and "cram:params.lambda_style" in names
+    assert space.defaults() == {"method": "advent", "advent:params.w_adv": 1e-3, "advent:stages.advent.lr": 2.5e-3}
+    configs = {m: resolve_config(m) for m in ("advent", "cram")}
+    cfg = config_for(configs, {"method": "cram", "cram:params.w_adv": 0.005, "advent:params.w_adv": 0.5})
+    assert cfg["method"] == "cram" and cfg["params"]["w_adv"] == 0.005  # the other method's knob is not applied
+    sampler = optuna.samplers.RandomSampler(seed=3)
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(12):  # a knob exists only when its method is chosen
+        trial = study.ask()
+        optuna_space(space)(trial)
+        assert all(name.startswith(trial.params["method"] + ":") for name in trial.params if name != "method")

@@ -209,3 +209,23 @@ def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):
     for run in finished:
         assert {"rayuda.stage.source_only", "rayuda.stage.round1", "rayuda.stage.round2"} <= set(run.data.tags)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [2, 4]
+
+
+def test_a_search_across_methods_shares_the_source_only_stage(tmp_path):
+    cmd = [sys.executable, "-m", "rayuda.tune", "auto", "--methods", "advent,minent", "--storage", str(tmp_path / "st"),
+           "--name", "a", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"),
+           *TINY, "--num-samples", "4", "--max-iters", "2", "--grace", "2", "--max-concurrent", "1", "--no-confirm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "st" / "a" / "work").glob("trials/*/summary.json")]
+    assert {s["method"] for s in summaries} == {"advent", "minent"}
+    source = sorted(s["stages"][0]["cache"] for s in summaries)
+    assert source == ["hit"] * (len(summaries) - 1) + ["miss"]  # one source-only stage for both methods
+    assert len(list((tmp_path / "st" / "a" / "stage-cache").glob("source_only-*"))) == 1
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["method"] in ("advent", "minent")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rayuda-auto")
+    methods = {r.data.params.get("method") for r in client.search_runs([exp.experiment_id])
+               if r.data.tags.get("rayuda.role") == "trial"}
+    assert methods == {"advent", "minent"}
