@@ -166,3 +166,150 @@ def seg_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: i
     label = label.long()
     total = F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="sum")
     return total / (label != ignore_index).sum().clamp_min(1)  # no host sync; 0 with a graph if none valid
+
+
+# --- CADA: style-vector adversarial alignment (eq. 5) and self-training (eq. 2, 6) ------------------------
+
+
+def shannon_entropy(prob: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Unnormalised Shannon entropy in nats along ``dim`` (CADA eq. 2): ``E(P) = −Σ_c P_c log P_c``, in
+    ``[0, log C]``; also the entropy ``E(f^l)`` of a class centroid (eq. 3)."""
+    return -(prob * _log(prob)).sum(dim)
+
+
+def style_adversarial_loss(
+    d_logits: dict[str, torch.Tensor], weights: dict[str, float], domain: float
+) -> torch.Tensor:
+    """The style term of CADA eq. 5: ``Σ_l w_l · BCE(D_f^l(S^l), domain)`` over the style layers ``l`` (the
+    original GAN loss per style discriminator; ``w_l`` are the per-layer style weights, 1 in the paper)."""
+    return sum(weights[layer] * bce_adversarial(logits, domain) for layer, logits in d_logits.items())
+
+
+def self_training_cross_entropy(
+    logits: torch.Tensor, pseudo: torch.Tensor, normalise: str = "all", ignore_index: int = 255
+) -> torch.Tensor:
+    """CADA's self-supervised loss (eq. 6): ``−1/(H·W) Σ_{h,w} m_hw log P_{ŷ_hw}(h, w)`` on pseudo-labels
+    ``ŷ`` (``ignore_index`` where the mask ``m`` of eq. 3 rejected the pixel); logits upsampled to label size.
+
+    ``normalise="all"`` divides by every pixel, as eq. 6 writes it (fewer kept pixels → a smaller loss);
+    ``"kept"`` divides by the kept pixels only, as BDL's reference CE does (choice, configurable).
+    """
+    if normalise not in ("all", "kept"):
+        raise ValueError(f"normalise must be 'all' or 'kept', got {normalise!r}")
+    if logits.shape[-2:] != pseudo.shape[-2:]:
+        logits = upsample_logits(logits, pseudo.shape[-2:])
+    pseudo = pseudo.long()
+    total = F.cross_entropy(logits, pseudo, ignore_index=ignore_index, reduction="sum")
+    count = pseudo.numel() if normalise == "all" else (pseudo != ignore_index).sum().clamp_min(1)
+    return total / count
+
+
+# --- CRA: cross-region adaptation (trusted vs untrusted target pixels, eq. 2, 5–8) ---------------------------
+
+
+def cra_entropy(prob: torch.Tensor) -> torch.Tensor:
+    """CRA's confidence map (eq. 2), N×H×W in [0, 1/K]: ``e = −(1/(K log K)) Σ_k p_k log p_k`` (note the
+    ``K·log K`` normaliser: two classes at ½ give ``log 2/(K log K)``, 0.012 for K = 19)."""
+    return entropy_map(prob) / prob.shape[1]
+
+
+def region_encoding(
+    logits: torch.Tensor, trusted: torch.Tensor, temperature: float, clamp: float | None = None
+) -> torch.Tensor:
+    """CRA's domain-encoding labels (eq. 6–8), N×2K×H×W: ``a = softmax(z / T)`` (detached, as
+    :func:`domain_encoding`), then ``[a; 0]`` on trusted pixels and ``[0; a]`` on untrusted ones, i.e.
+    ``[a·m; a·(1 − m)]`` with ``m`` the N×H×W trusted mask (eq. 3) at the logits' size."""
+    a = torch.softmax(logits.detach().float() / temperature, dim=1)
+    if clamp is not None:
+        a = a.clamp(max=clamp)
+    m = trusted.to(a.dtype).unsqueeze(1)
+    return torch.cat([a * m, a * (1 - m)], dim=1)
+
+
+def cra_d_loss(d_logits: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
+    """D's loss (CRA eq. 8): ``−Σ_i Σ_k [a_ik m_i log P(d=0,c=k|f_i) + a_ik (1−m_i) log P(d=1,c=k|f_i)]``,
+    the soft-label CE against :func:`region_encoding`. (choice) The sum over pixels is divided by their count
+    (H·W of D's output; the encoding is resized to it as in FGDEM), so trusted and untrusted pixels keep the
+    paper's relative weight."""
+    return soft_label_cross_entropy(d_logits, encoding)
+
+
+def cra_adv_loss(d_logits: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
+    """G's loss (CRA eq. 7): ``−Σ_i Σ_k a_ik (1−m_i) log P(d=0, c=k | f_i)``: untrusted pixels labelled
+    *trusted* (``[a; 0]``), trusted pixels contribute nothing; divided by the pixel count as :func:`cra_d_loss`."""
+    k = encoding.shape[1] // 2
+    untrusted_as_trusted = torch.cat([encoding[:, k:], torch.zeros_like(encoding[:, k:])], dim=1)
+    return soft_label_cross_entropy(d_logits, untrusted_as_trusted)
+
+
+# --- PixIntraDA: pixel-level adversarial (eq. 6), continuous indexing (eq. 7–8), KLD regulariser ------------
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: ``Σ x∘mask`` (÷ ``Σ mask`` when ``normalise``), and whether the mask has any pixel."""
+    dims = tuple(range(1, x.dim()))
+    total, count = (x * mask).sum(dims), mask.sum(dims)
+    return (total / count.clamp_min(1) if normalise else total), count > 0
+
+
+def _neg_log_terms(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over images of ``Σ −log(term)``; a term whose mask is empty in an image counts 0 (its log of an
+    empty sum is undefined)."""
+    total = 0
+    for value, present in terms:
+        total = total + torch.where(present, -_log(value), torch.zeros_like(value))
+    return total.mean()
+
+
+def pla_d_loss(d_logits: torch.Tensor, hard: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """D's binary pixel-level loss (PixIntraDA eq. 6), per image, averaged over the batch:
+    ``−log Σ(D∘M) − log Σ((1−D)∘(1−M))`` with ``D = sigmoid(d_logits)`` (N×1×H×W, D = 1 means *hard*) and
+    ``M`` the hard mask (1 hard, 0 easy).
+
+    (choice, METHODS.md) ``normalise`` divides each sum by its mask's pixel count (the mean of D over hard
+    pixels, of 1 − D over easy ones): the counts are constants, so the gradients are those of the paper's
+    sums, and the value is a log-likelihood in [0, ∞). ``normalise=False`` is the paper's literal form.
+    """
+    d = torch.sigmoid(d_logits.float())
+    hard = hard.to(d.dtype).reshape(d.shape)
+    return _neg_log_terms([_masked_mean(d, hard, normalise), _masked_mean(1 - d, 1 - hard, normalise)])
+
+
+def pla_g_loss(d_logits: torch.Tensor, hard: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """G's binary pixel-level loss (PixIntraDA eq. 6): ``−log Σ((1−D)∘M)``: hard pixels should look easy
+    (D → 0); normalised as :func:`pla_d_loss`."""
+    d = torch.sigmoid(d_logits.float())
+    hard = hard.to(d.dtype).reshape(d.shape)
+    return _neg_log_terms([_masked_mean(1 - d, hard, normalise)])
+
+
+def continuous_index(prob: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """PixIntraDA's continuous domain index (eq. 7), N×1×H×W: ``Z = 0`` on easy pixels, ``1 − max_k y_k`` on
+    hard ones (``y``: the softmax of the model that made the split; detached)."""
+    z = 1 - prob.detach().float().max(1, keepdim=True).values
+    return z * hard.to(z.dtype).reshape(z.shape)
+
+
+def cts_d_loss(d_logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """D's continuous loss (PixIntraDA eq. 8): ``‖D − Z‖_F²`` with ``D = sigmoid(d_logits)``. (choice) The
+    Frobenius sum is divided by the pixel count (a mean over pixels and images), so β does not scale with the
+    image size."""
+    return (torch.sigmoid(d_logits.float()) - z.reshape(d_logits.shape)).pow(2).mean()
+
+
+def cts_g_loss(d_logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """G's continuous loss (PixIntraDA eq. 8): ``‖D ∘ M‖_F²`` (hard pixels pushed towards index 0, easy);
+    divided by the pixel count as :func:`cts_d_loss`."""
+    d = torch.sigmoid(d_logits.float())
+    return (d * hard.to(d.dtype).reshape(d.shape)).pow(2).mean()
+
+
+def kl_to_uniform(prob: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """CRST's model regulariser MR-KLD (Zou et al. 2019), used by PixIntraDA's second round: mean over pixels
+    (those where the N×H×W ``mask`` is true, when given; 0 if none) of ``KL(u ‖ p) = −log C − (1/C) Σ_c log p_c``
+    (u uniform over the C classes); 0 for a uniform prediction."""
+    kl = -math.log(prob.shape[1]) - _log(prob.float()).mean(1)
+    if mask is None:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)

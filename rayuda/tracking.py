@@ -109,10 +109,11 @@ class MlflowTracker(tune.Callback):
         self._parent: str | None = None
         self._runs: dict[str, str] = {}
         self._tagged_nodes: set[str] = set()
+        self._inputs: list | None = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _parent=None, _experiment_id=None, _tagged_nodes=set())
+        state.update(_client=None, _runs={}, _parent=None, _experiment_id=None, _tagged_nodes=set(), _inputs=None)
         return state
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -136,7 +137,10 @@ class MlflowTracker(tune.Callback):
                 run = client.create_run(self._experiment_id, run_name=self.run_name,
                                         tags={"rayuda.search": self.search_id, "rayuda.role": "search"})
                 self._parent = run.info.run_id
-                base = next(iter(self.base_configs.values())) if len(self.base_configs) == 1 else {}
+                first = next(iter(self.base_configs.values()))  # which images: source and target as inputs
+                self._inputs = log_dataset_inputs(client, self._parent, first["source"], first["target"],
+                                                  first["protocol"])
+                base = first if len(self.base_configs) == 1 else {}
                 params = {**self.search_params, **{f"base.{k}": v for k, v in flatten(base).items()}}
                 self._log_params(self._parent, params)
         return self._parent
@@ -155,8 +159,13 @@ class MlflowTracker(tune.Callback):
                 tags = {"mlflow.parentRunId": parent, "rayuda.trial_id": trial.trial_id, "rayuda.role": "trial",
                         "rayuda.selection_metric": self._config_of(trial)["train"]["metric"]}
                 run_id = self.client.create_run(self._experiment_id, run_name=str(trial), tags=tags).info.run_id
-                params = {**flatten(self._config_of(trial)), **(trial.config or {})}
+                config = self._config_of(trial)
+                params = {**flatten(config), **(trial.config or {})}
                 self._log_params(run_id, params)
+                if self._inputs is None:
+                    self._inputs = [dataset_input(config["source"], "source", config["protocol"]),
+                                    dataset_input(config["target"], "target", config["protocol"])]
+                self.client.log_inputs(run_id, datasets=self._inputs)
             self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -228,9 +237,10 @@ class MlflowTracker(tune.Callback):
 
 
 def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Path | None, artifacts: list[Path],
-                  metrics: dict[str, float], tags: dict[str, str] | None = None,
-                  status: str = "FINISHED") -> str | None:
-    """Attach the search's results (best config, trials table, plots, confirmation) to its parent run; close it."""
+                  metrics: dict[str, float], tags: dict[str, str] | None = None, status: str = "FINISHED",
+                  winner_dir: Path | None = None, register: bool = True) -> str | None:
+    """Attach the search's results (best config, trials table, plots, confirmation) to its parent run; log the
+    winner's model from ``winner_dir`` (and register it, see :func:`log_winner_model`); close the run."""
     client = client_for(uri)
     exp_id = ensure_experiment(client, experiment, uri)
     found = client.search_runs([exp_id], f"tags.`rayuda.search` = '{search_id}'")
@@ -245,6 +255,10 @@ def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Pat
             client.log_metric(run_id, key, float(value))
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
+    if winner_dir is not None:
+        model_uri = log_winner_model(uri, run_id, winner_dir, register=register)
+        client.set_tag(run_id, "rayuda.model_uri", model_uri)
+        print(f"winner's model → {model_uri} (python -m rayuda.predict {model_uri} --images DIR)", flush=True)
     client.set_terminated(run_id, status)
     return run_id
 

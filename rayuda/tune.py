@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-confirm", action="store_true", help="skip the confirmation phase")
     p.add_argument("--min-gain", type=float, default=1.0,
                    help="mIoU points a config must gain over the defaults to be preferred (default 1.0)")
+    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
+                   help="log the winner as an MLflow model and register it as rayuda-METHOD (default: yes)")
     p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (train.deterministic)")
     return p
 
@@ -467,13 +469,14 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
     plots = _plots(record, exp_dir) if record.exists() else []
     scored = [r for r in rows if not math.isnan(r["best_score"])]
     artifacts, metrics, tags = [table, *plots], {}, {}
-    best_path = None
+    best_path = winner_dir = None
     if scored:
         top = scored[0]
         print(f"\nbest trial by selection: {top['trial']} ({metric} score {top['best_score']:.4f} on the selection "
               f"images; test mIoU {100 * top['test_miou']:.2f})")
         metrics.update({"best/score": top["best_score"], "best/test_miou": top["test_miou"]})
         chosen, header = top["knobs"], [f"best trial by {metric} on the selection images: {top['trial']}"]
+        winner_dir = exp_dir / "work" / "trials" / top["trial"]
         if confirm_setup is not None and not interrupted:
             from rayuda.confirm import DEFAULTS, table_markdown
 
@@ -484,6 +487,8 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
             artifacts.append(report)
             print("\nconfirmation on fresh seeds, test images:\n" + table_markdown(outcome_))
             chosen = confirm_setup["candidates"][outcome_["winner"]]
+            seed = outcome_["rows"][0]["seeds"][0]
+            winner_dir = exp_dir / "work" / "confirm" / f"{outcome_['winner'].replace(' ', '-')}-seed{seed}"
             header = [f"confirmed: {outcome_['text']}"]
             tags["rayuda.verdict"] = outcome_["text"][:5000]
             for row in outcome_["rows"]:
@@ -501,7 +506,9 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
         print(f"best config → {best_path}" + (f" and {args.best}" if args.best else "")
               + f"  (python -m rayuda.train {best_cfg['method']} --config {args.best or best_path})")
     finish_search(uri, f"rayuda-{args.method}", str(exp_dir), best_config=best_path, artifacts=artifacts,
-                  metrics=metrics, tags=tags, status="KILLED" if interrupted else "FINISHED")
+                  metrics=metrics, tags=tags, status="KILLED" if interrupted else "FINISHED",
+                  winner_dir=winner_dir if best_path and (winner_dir / "summary.json").exists() else None,
+                  register=args.register)
     print(f"trials table → {table}; MLflow: mlflow ui --backend-store-uri {uri}")
     if interrupted:
         print(f"search interrupted; continue it with: python -m rayuda.tune {args.method} --resume "

@@ -77,6 +77,12 @@ def test_confirmation_reruns_defaults_and_the_top_config_on_fresh_seeds(search):
     assert "| defaults |" in report and "**Verdict:**" in report
     header = (tmp_path / "best.yaml").read_text().splitlines()[0]
     assert header.startswith("# confirmed: ")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = runs_of(tmp_path)[1][0]
+    assert parent.data.tags["rayuda.model_uri"].startswith("models:/rayuda-advent/")  # the winner, registered
+    assert client.search_model_versions("name = 'rayuda-advent'")
+    contexts = {t.value for d in parent.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"source", "target"}  # which images the search ran on
     _, parents, _ = runs_of(tmp_path)
     assert "rayuda.verdict" in parents[0].data.tags and "confirmation.md" in {
         a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parents[0].info.run_id)}

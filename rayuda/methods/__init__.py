@@ -15,15 +15,21 @@ from rayuda import config as _config
 from rayuda.methods.adaptsegnet import AdaptSegNet
 from rayuda.methods.advent import AdvEnt
 from rayuda.methods.base import Method, Stage
+from rayuda.methods.cada import CADA
+from rayuda.methods.cra import CRA
 from rayuda.methods.cram import CRAM
 from rayuda.methods.fgdem import FGDEM
 from rayuda.methods.intrada import IntraDA
 from rayuda.methods.minent import MinEnt
+from rayuda.methods.pixintrada import PixIntraDA
 from rayuda.methods.source_only import SourceOnly
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SourceOnly, AdaptSegNet, AdvEnt, MinEnt, CRAM, FGDEM, IntraDA)
 }
+METHODS[CADA.name] = CADA
+METHODS[CRA.name] = CRA
+METHODS[PixIntraDA.name] = PixIntraDA
 
 
 def register_plugins(modules: str) -> None:
