@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from rayuda.config import ConfigError
 from rayuda.data import DatasetError, Transform, class_names, open_dataset
 from rayuda.data.datasets import IMAGE_SUFFIXES
+from rayuda.data.labels import palette
 
 WEIGHTS = {"best": "best_model.pt", "final": "model.pt"}
 #: Inside an MLflow model logged by rayuda: the files that rebuild G (see rayuda.tracking.log_winner_model).
@@ -327,16 +328,6 @@ class ImageSet(Dataset):
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": torch.stack([it["image"] for it in items]), "label": [it["label"] for it in items],
             "index": [it["index"] for it in items]}
-
-
-def palette(protocol: int) -> np.ndarray:
-    """RGB of each train id of ``protocol``: its class's official Cityscapes colour; 255 (ignore) black."""
-    from cityscapesscripts.helpers.labels import name2label
-
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    for train_id, name in enumerate(class_names(protocol)):
-        colours[train_id] = name2label[name].color
-    return colours
 
 
 # -------------------------------------------------------------------------------------------- prediction

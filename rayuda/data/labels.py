@@ -121,3 +121,14 @@ def mapping_lut(mapping: object, protocol: int, where: str) -> tuple[np.ndarray,
                 f"a train id 0..{len(index) - 1}, nor 255/ignore"
             )
     return lut, sorted(int(k) for k in mapping)
+
+
+def palette(protocol: int) -> np.ndarray:
+    """RGB of each train id of ``protocol``: its class's official Cityscapes colour (by name, so the 16- and
+    13-class protocols get the right colours too); every other value, 255 (ignore) included, black."""
+    from cityscapesscripts.helpers.labels import name2label
+
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for train_id, name in enumerate(class_names(protocol)):
+        colours[train_id] = name2label[name].color
+    return colours

@@ -9,19 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from rayuda.data.labels import palette
 from rayuda.losses import entropy_map
 from rayuda.metrics import Evaluator
 from rayuda.models.predict import predict_logits
-
-
-def cityscapes_palette(num_classes: int) -> np.ndarray:
-    """RGB colour of each train id (the official Cityscapes colours), black for ignore."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for train_id in range(num_classes):
-        palette[train_id] = trainId2label[train_id].color if train_id in trainId2label else (0, 0, 0)
-    return palette
 
 
 @torch.no_grad()
@@ -43,7 +34,7 @@ def evaluate(
     model.eval()
     evaluator = Evaluator(num_classes)
     entropy_sum, agree, pixels, saved = 0.0, 0, 0, 0
-    palette = cityscapes_palette(num_classes) if num_masks else None
+    colours = palette(num_classes) if num_masks else None  # protocols 19/16/13 have as many classes
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images, labels = batch["image"].to(device), batch["label"].to(device)
         logits = predict_logits(model, images, labels.shape[-2:])
@@ -58,7 +49,7 @@ def evaluate(
             for pred, name in zip(logits.argmax(1).cpu().numpy(), batch["name"], strict=True):
                 if saved >= num_masks:
                     break
-                Image.fromarray(palette[pred.astype(np.uint8)]).save(masks_dir / f"{Path(name).stem}.png")
+                Image.fromarray(colours[pred.astype(np.uint8)]).save(masks_dir / f"{Path(name).stem}.png")
                 saved += 1
     model.train(was_training)
     metrics: dict[str, float] = {"target_entropy": entropy_sum / max(pixels, 1),
