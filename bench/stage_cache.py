@@ -1,0 +1,50 @@
+"""What the stage cache saved a search: every trial's stages, hit or miss, and the arithmetic.
+
+    python -m rayuda.tune intrada --name cache-demo --no-confirm   # any search
+    python bench/stage_cache.py rayuda_results/cache-demo          # its folder
+
+Reads each finished trial's ``summary.json`` (``work/trials/*/summary.json``). For every stage it counts
+hits and misses and takes the seconds the stage took when it was computed (``compute_seconds``, recorded
+in the stage's ``stage.yaml``). *With the cache* the search paid each computed stage once; *without it*
+every trial would have computed every one of its stages, so the saving is Σ over trials of the
+compute seconds of the stages it found in the cache. (Early-stopped trials write no summary and are left
+out of both sums.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("search", type=Path, help="a search folder (STORAGE/NAME)")
+    args = parser.parse_args(argv)
+    summaries = [json.loads(p.read_text()) for p in sorted(args.search.glob("work/trials/*/summary.json"))]
+    if not summaries:
+        print(f"error: no finished trial under {args.search}/work/trials", file=sys.stderr)
+        return 2
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    with_cache = without_cache = 0.0
+    for summary in summaries:
+        for stage in summary["stages"]:
+            counts[stage["stage"]][stage["cache"]] += 1
+            seconds = stage.get("compute_seconds") or 0.0
+            without_cache += seconds
+            with_cache += seconds if stage["cache"] == "miss" else 0.0
+    print(f"{len(summaries)} finished trials of {args.search}\n")
+    print("| stage | misses | hits | skipped |\n|---|---|---|---|")
+    for name, c in counts.items():
+        print(f"| {name} | {c['miss']} | {c['hit']} | {c['skipped']} |")
+    print(f"\nstage compute time with the cache: {with_cache:.0f} s (each computed stage once)\n"
+          f"without it (every trial computes all its stages): {without_cache:.0f} s\n"
+          f"saved: {without_cache - with_cache:.0f} s = {100 * (1 - with_cache / max(without_cache, 1e-9)):.0f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
