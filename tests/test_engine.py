@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from rayuda.config import ConfigError
 from rayuda.engine import run_pipeline
@@ -160,3 +161,14 @@ def test_train_cli_rejects_unknown_method_and_key(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "rayuda.train", "advent", "--set", "optim.lrr=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "optim.lr_d" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_refuses_miou_on_an_unlabelled_target_before_any_compute(tmp_path):
+    (tmp_path / "mine" / "images").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (16, 8), (i * 90, 40, 200)).save(tmp_path / "mine" / "images" / f"{i}.png")
+    out = tmp_path / "run"
+    bad = subprocess.run([sys.executable, "-m", "rayuda.train", "advent", "--target", f"folder:{tmp_path / 'mine'}",
+                          "--out", str(out), "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "has no labels" in bad.stderr and "entropy" in bad.stderr
+    assert "Traceback" not in bad.stderr and not out.exists() and not (tmp_path / "cache").exists()  # refused first

@@ -101,6 +101,10 @@ def holdout_parts(cfg) -> tuple[Subset, Subset | None]:
     count = len(holdout) if cfg["data"]["holdout"] is None else min(int(cfg["data"]["holdout"]), len(holdout))
     if SELECTION_METRICS[cfg["train"]["metric"]][0] != "miou":
         return Subset(holdout, range(count)), Subset(holdout, range(count)) if holdout.has_labels else None
+    if not holdout.has_labels:
+        proxies = ", ".join(m for m, (key, _) in SELECTION_METRICS.items() if key != "miou")
+        raise ConfigError(f"target {cfg['target']!r} has no labels, so --metric miou cannot be computed; choose a "
+                          f"label-free proxy: --metric {{{proxies}}} (or --set train.metric=...)")
     names = [holdout.files[i][0].name for i in range(count)]
     select, test = split_images(names, float(cfg["data"]["test_fraction"]), int(cfg["data"]["split_seed"]))
     if not select:
@@ -221,22 +225,24 @@ def run_pipeline(
     if done is not None and report is None:  # with a report hook (a Tune trial), replay the cached stages
         print(f"[{method}] {out_dir} already holds this finished run; not training again", flush=True)
         return done
+    plan = plan_of(cfg)
+    check_plan(plan, cfg)  # everything checkable is checked before out_dir is touched or compute is spent
+    class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
+    open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
+    holdout = describe_holdout(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    plan = plan_of(cfg)
-    check_plan(plan, cfg)
 
     train = cfg["train"]
     runtime = Runtime(device=pick_device(train["device"]), num_workers=cfg["data"]["num_workers"],
                       log_every=train["log_every"], checkpoint_every=train["eval_every"])
-    class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
     run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names)
     reported = [s for s in plan if s.reported]
     total = sum(int(cfg["stages"][s.name]["iters"]) for s in reported)
     print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
           f"[{method}] plan: " + " → ".join(s.name + (" (reported)" if s.reported else "") for s in plan)
-          + f"; {total} reported iterations\n[{method}] {describe_holdout(cfg)}", flush=True)
+          + f"; {total} reported iterations\n[{method}] {holdout}", flush=True)
 
     records, upstream, offset = [], None, 0
     for index, stage in enumerate(plan):
