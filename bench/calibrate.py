@@ -53,7 +53,9 @@ def main(argv=None) -> int:
         return 0
     if not args.methods:
         parser.error("--methods is required (or --report)")
-    common = parse_assignments(args.set)
+    # a table of methods at fixed configs selects nothing: evaluate the final model on every target-val image
+    # (the protocol of every table in docs/BENCHMARKS.md), unless --set data.test_fraction=... says otherwise
+    common = {"data.test_fraction": 0.0, **parse_assignments(args.set)}
     out = Path(args.out)
     results = {}
     for variant in args.methods:

@@ -100,3 +100,35 @@ def run_confirmation(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     test = (summary.get("test") or {}).get("final")
     tune.report({"score": summary["score"], "test_miou": test["miou"] if test else float("nan"),
                  "candidate": params["candidate"], "seed": params["seed"]})
+
+
+def confirmation_phase(setup: dict[str, Any], rows: list[dict[str, Any]], defaults: dict[str, Any], *, top_k: int,
+                       seeds: int, min_gain: float, resources: dict[str, float], concurrent: int | None
+                       ) -> dict[str, Any]:
+    """Rerun the defaults and the ``top_k`` best finished trials at full length on ``seeds`` fresh seeds (a Ray
+    ``Tuner``, grid over config × seed, sharing the stage cache) and return their :func:`verdict`, on test
+    mIoU — or, on a target without labelled images, on the final label-free score."""
+    from ray import tune
+
+    cfg = next(iter(setup["configs"].values()))
+    setup["candidates"] = candidates(rows, defaults, top_k)
+    fresh = confirmation_seeds(int(cfg["seed"]), seeds)
+    print(f"\nconfirmation: {len(setup['candidates'])} configs ({', '.join(setup['candidates'])}) × seeds "
+          f"{fresh}, full length", flush=True)
+    trainable = tune.with_resources(tune.with_parameters(run_confirmation, setup=setup), resources)
+    tuner = tune.Tuner(trainable,
+                       param_space={"candidate": tune.grid_search(list(setup["candidates"])),
+                                    "seed": tune.grid_search(fresh)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                       run_config=tune.RunConfig(name="confirmation", storage_path=setup["work_root"], verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    finals: dict[str, dict[int, dict[str, float]]] = {}
+    for result in tuner.fit():
+        if result.error is not None:
+            raise RuntimeError(f"a confirmation run failed: {result.error}")
+        m = result.metrics
+        finals.setdefault(m["candidate"], {})[int(m["seed"])] = m
+    labelled = not any(math.isnan(m["test_miou"]) for runs in finals.values() for m in runs.values())
+    key = "test_miou" if labelled else "score"
+    scores = {name: {seed: m[key] for seed, m in runs.items()} for name, runs in finals.items()}
+    return verdict(scores, min_gain, "test mIoU" if labelled else f"final {cfg['train']['metric']} score ×100")

@@ -473,10 +473,16 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
         chosen, header = top["knobs"], [f"best trial by {metric} on the selection images: {top['trial']}"]
         winner_dir = exp_dir / "work" / "trials" / top["trial"]
         if confirm_setup is not None and not interrupted:
-            from rayuda.confirm import DEFAULTS, table_markdown
+            import ray
+
+            from rayuda.confirm import DEFAULTS, confirmation_phase, table_markdown
 
             top_method = top["knobs"].get("method", cfg["method"])
-            outcome_ = confirm(args, confirm_setup, rows, method_defaults(plan, top_method))
+            outcome_ = confirmation_phase(
+                confirm_setup, rows, method_defaults(plan, top_method), top_k=args.confirm_top,
+                seeds=args.confirm_seeds, min_gain=args.min_gain,
+                resources={"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+                concurrent=args.max_concurrent or _fitting_trials(ray.cluster_resources(), args))
             report = exp_dir / "confirmation.md"
             report.write_text(table_markdown(outcome_))
             artifacts.append(report)
@@ -510,42 +516,6 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
               f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
         return 130
     return 0
-
-
-def confirm(args, setup: dict[str, Any], rows: list[dict[str, Any]], defaults: dict[str, Any]) -> dict[str, Any]:
-    """Rerun the defaults and the top ``--confirm-top`` configs at full length on ``--confirm-seeds`` fresh
-    seeds (Ray trials sharing the stage cache) and compare them on the test images, paired by seed."""
-    import ray
-    from ray import tune
-
-    from rayuda.confirm import candidates, confirmation_seeds, run_confirmation, verdict
-
-    cfg = next(iter(setup["configs"].values()))
-    setup["candidates"] = candidates(rows, defaults, args.confirm_top)
-    seeds = confirmation_seeds(int(cfg["seed"]), args.confirm_seeds)
-    print(f"\nconfirmation: {len(setup['candidates'])} configs ({', '.join(setup['candidates'])}) × seeds "
-          f"{seeds}, full length", flush=True)
-    trainable = tune.with_resources(tune.with_parameters(run_confirmation, setup=setup),
-                                    {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
-    tuner = tune.Tuner(trainable,
-                       param_space={"candidate": tune.grid_search(list(setup["candidates"])),
-                                    "seed": tune.grid_search(seeds)},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-                       run_config=tune.RunConfig(name="confirmation", storage_path=setup["work_root"], verbose=0,
-                                                 failure_config=tune.FailureConfig(max_failures=0)))
-    scores: dict[str, dict[int, float]] = {}
-    labelled = True
-    for result in tuner.fit():
-        if result.error is not None:
-            raise RuntimeError(f"a confirmation run failed: {result.error}")
-        m = result.metrics
-        labelled = labelled and not math.isnan(m["test_miou"])
-        scores.setdefault(m["candidate"], {})[int(m["seed"])] = m["test_miou"] if labelled else m["score"]
-    if not labelled:  # a target without labels: compare the final label-free scores instead
-        scores = {c: {s: r["score"] for s, r in v.items()} for c, v in scores.items()}
-    what = "test mIoU" if labelled else f"final {cfg['train']['metric']} score ×100"
-    return verdict(scores, args.min_gain, what)
 
 
 def _fmt(value) -> str:

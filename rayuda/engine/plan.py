@@ -73,7 +73,7 @@ def stage_keys(stage: Stage) -> list[str]:
         keys = [*TRAIN_KEYS, f"stages.{stage.name}"]
         if "source" in (stage.source, stage.target):
             keys.append("source")
-        if stage.target is not None or (stage.source or "").count(":"):
+        if stage.target is not None or ":" in (stage.source or ""):
             keys.append("target")
         if stage.step.has_discriminators:
             keys += ADVERSARIAL_KEYS
