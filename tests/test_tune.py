@@ -235,3 +235,23 @@ def test_a_search_across_methods_shares_the_source_only_stage(tmp_path):
     methods = {r.data.params.get("method") for r in client.search_runs([exp.experiment_id])
                if r.data.tags.get("rayuda.role") == "trial"}
     assert methods == {"advent", "minent"}
+
+
+def test_an_intrada_search_trains_its_shared_stages_once(tmp_path):
+    cmd = [sys.executable, "-m", "rayuda.tune", "intrada", "--storage", str(tmp_path / "st"), "--name", "i",
+           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"), *TINY,
+           "--set", "stages.inter.iters=2", "--num-samples", "3", "--max-iters", "2", "--grace", "2",
+           "--max-concurrent", "1", "--no-confirm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "st" / "i" / "work").glob("trials/*/summary.json")]
+    assert len(summaries) == 3  # every trial ran to the end (2 iterations, one rung)
+    by_stage = {name: sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == name)
+                             for summary in summaries) for name in ("source_only", "inter", "rank", "intra")}
+    assert by_stage["source_only"] == by_stage["inter"] == ["hit", "hit", "miss"]  # trained once per search
+    assert by_stage["intra"] == ["miss"] * 3  # every trial's own knobs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rayuda-intrada")
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rayuda.role") == "trial"]
+    assert all({f"rayuda.stage.{n}" for n in by_stage} <= set(r.data.tags) for r in trials)
+    assert "[stage 3/4 rank]" in proc.stdout
