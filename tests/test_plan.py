@@ -112,6 +112,8 @@ def test_plans_are_checked_before_any_compute():
         check_plan([source_only_stage(), Stage("round9", step=AdvEnt, reported=True)], cfg)
     with pytest.raises(ConfigError, match="reports no stage"):
         check_plan([source_only_stage()], cfg)
+    with pytest.raises(ConfigError, match="train.metric 'foo'"):
+        check_plan(plan_of(cfg), {**cfg, "train": {**cfg["train"], "metric": "foo"}})
     cfg["stages"]["intra"]["iters"] = -1
     with pytest.raises(ConfigError, match="stages.intra.iters"):
         check_plan(plan_of(cfg), cfg)

@@ -145,6 +145,11 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
         seen[stage.name] = stage
     if not any(s.reported for s in plan):
         raise ConfigError(f"{cfg['method']} plan reports no stage to the search")
+    from rayuda.engine.evaluate import SELECTION_METRICS
+
+    if cfg["train"]["metric"] not in SELECTION_METRICS:
+        raise ConfigError(f"train.metric {cfg['train']['metric']!r} is not a selection metric; valid: "
+                          f"{', '.join(SELECTION_METRICS)}")
     for key in ("eval_every", "log_every"):
         if not isinstance(cfg["train"][key], int) or cfg["train"][key] < 1:
             raise ConfigError(f"train.{key} must be an int ≥ 1, got {cfg['train'][key]!r}")
