@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from rayuda.config import ConfigError
+from rayuda.engine.evaluate import SELECTION_METRICS
 from rayuda.methods import plan_of
 from rayuda.methods.base import Stage
 
@@ -145,8 +146,6 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
         seen[stage.name] = stage
     if not any(s.reported for s in plan):
         raise ConfigError(f"{cfg['method']} plan reports no stage to the search")
-    from rayuda.engine.evaluate import SELECTION_METRICS
-
     if cfg["train"]["metric"] not in SELECTION_METRICS:
         raise ConfigError(f"train.metric {cfg['train']['metric']!r} is not a selection metric; valid: "
                           f"{', '.join(SELECTION_METRICS)}")
