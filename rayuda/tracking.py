@@ -82,6 +82,54 @@ def summary_environment(summary_path: Path) -> dict[str, Any]:
     return json.loads(Path(summary_path).read_text()).get("environment", {})
 
 
+def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
+    """For every pseudo-label stage of a run that decided per-class thresholds (``per_class`` in its facts), a
+    CSV table and a bar chart of them in ``out_dir`` (``thresholds-<stage>.csv`` / ``.png``); returns the files."""
+    import csv
+    import json
+
+    if not Path(summary_path).is_file():
+        return []
+    files = []
+    for stage in json.loads(Path(summary_path).read_text())["stages"]:
+        per_class = stage.get("per_class")
+        if not per_class:
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        columns = sorted({k for row in per_class.values() for k in row})
+        table = out_dir / f"thresholds-{stage['stage']}.csv"
+        with open(table, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", *columns])
+            writer.writerows([name, *(row.get(c, "") for c in columns)] for name, row in per_class.items())
+        files += [table, _threshold_chart(stage["stage"], per_class, out_dir / f"thresholds-{stage['stage']}.png")]
+    return files
+
+
+def _threshold_chart(stage: str, per_class: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Bars of each class's threshold (and kept share, where recorded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class)
+    series = [k for k in ("threshold", "scaled_threshold", "kept_share")
+              if any(isinstance(per_class[n].get(k), int | float) for n in names)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    width = 0.8 / max(len(series), 1)
+    for i, key in enumerate(series):
+        values = [per_class[n].get(key) if isinstance(per_class[n].get(key), int | float) else 0 for n in names]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=key)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=45, ha="right")
+    ax.set_title(f"per-class thresholds of stage {stage}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def stage_lines(summary_path: Path) -> dict[str, str]:
     """``{stage: "hit 0.0 s"}`` from a trial's ``summary.json`` (empty if the trial wrote none)."""
     if not Path(summary_path).is_file():
@@ -223,6 +271,8 @@ class MlflowTracker(tune.Callback):
         for stage, line in stage_lines(trial_dir / "summary.json").items():
             self.client.set_tag(run_id, f"rayuda.stage.{stage}", line.split()[0])
             self.client.log_metric(run_id, f"stage_seconds/{stage}", float(line.split()[1]))
+        for path in threshold_tables(trial_dir / "summary.json", trial_dir / "thresholds"):
+            self.client.log_artifact(run_id, str(path), "thresholds")
         best = trial_dir / "best_model.pt"
         if best.is_file():
             self.client.log_artifact(run_id, str(best), "checkpoint")

@@ -439,7 +439,7 @@ def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
 def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri: str, record: Path, expected: int,
               confirm_setup: dict[str, Any] | None) -> int:
     """Trials table, the confirmation phase, best.yaml, parent-run artifacts and plots; 130 if interrupted."""
-    from rayuda.tracking import finish_search
+    from rayuda.tracking import finish_search, threshold_tables
 
     cfg = next(iter(plan["configs"].values()))
     rows = trials_table(results, exp_dir)
@@ -500,6 +500,8 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
             if outcome_["winner"] == DEFAULTS:
                 header.append("these are the paper defaults")
         best_cfg = config_for(plan["configs"], chosen)
+        header += threshold_lines(winner_dir / "summary.json")
+        artifacts += threshold_tables(winner_dir / "summary.json", exp_dir / "winner-thresholds")
         best_path = exp_dir / "best.yaml"
         save_config(best_cfg, best_path, header=header)
         if args.best:
@@ -516,6 +518,18 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
               f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
         return 130
     return 0
+
+
+def threshold_lines(summary_path: Path) -> list[str]:
+    """The per-class thresholds a run's pseudo-label stages decided, as lines for ``best.yaml``'s header."""
+    if not summary_path.is_file():
+        return []
+    lines = []
+    for stage in json.loads(summary_path.read_text())["stages"]:
+        for name, row in (stage.get("per_class") or {}).items():
+            values = ", ".join(f"{k} {_fmt(v)}" for k, v in row.items())
+            lines.append(f"thresholds of stage {stage['stage']}, {name}: {values}")
+    return lines
 
 
 def _fmt(value) -> str:

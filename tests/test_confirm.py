@@ -61,3 +61,23 @@ def test_candidates_are_the_defaults_and_the_top_finished_trials():
             {"trial": "t4", "outcome": "finished", "best_score": 0.2, "knobs": {"x": 4}}]
     assert candidates(rows, {"x": 1}, top_k=2) == {DEFAULTS: {"x": 1}, "trial t1": {"x": 2}, "trial t4": {"x": 4}}
     assert confirmation_seeds(0, 3) == [1, 2, 3]
+
+
+def test_per_class_thresholds_become_a_table_a_chart_and_best_yaml_lines(tmp_path):
+    import csv
+    import json
+
+    from rayuda.tracking import threshold_tables
+    from rayuda.tune import threshold_lines
+
+    stages = [{"stage": "source_only", "cache": "hit"},
+              {"stage": "split", "cache": "miss", "per_class": {"road": {"threshold": 0.82, "kept_share": 0.64},
+                                                               "sky": {"threshold": 0.9, "kept_share": 0.71}}}]
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"stages": stages}))
+    table, chart = threshold_tables(summary, tmp_path / "out")
+    rows = list(csv.DictReader(open(table)))
+    assert [(r["class"], float(r["threshold"])) for r in rows] == [("road", 0.82), ("sky", 0.9)]
+    assert chart.suffix == ".png" and chart.stat().st_size > 1000
+    assert threshold_lines(summary) == ["thresholds of stage split, road: threshold 0.82, kept_share 0.64",
+                                        "thresholds of stage split, sky: threshold 0.9, kept_share 0.71"]
