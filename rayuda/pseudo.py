@@ -42,7 +42,8 @@ class PseudoLabeller:
         """First pass: see image ``name``'s softmax ``prob`` (C×H×W)."""
 
     def decide(self) -> dict[str, Any]:
-        """After the first pass: fix thresholds/rankings; return them as JSON-able statistics."""
+        """After the first pass: fix thresholds/rankings; return them as JSON-able statistics. The engine
+        writes this dict after the labelling sweep, so :meth:`label` may add counts to it (kept shares)."""
         return {}
 
     def label(self, name: str, prob: torch.Tensor) -> torch.Tensor | None:

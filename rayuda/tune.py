@@ -302,12 +302,21 @@ def method_defaults(plan: dict[str, Any], method: str) -> dict[str, Any]:
 
 def longest_trial(cfg: dict[str, Any], space) -> int:
     """The longest step axis a trial can have (ASHA's ``max_t``): reported iterations with every searched
-    ``stages.*.iters`` knob at its high end."""
+    ``stages.*.iters`` knob at its high end, and the longest plan any value of a categorical or int knob
+    gives (e.g. ``params.rounds``)."""
     longest = copy.deepcopy(cfg)
     for knob in space.knobs:
         if knob.name.startswith("stages.") and knob.name.endswith(".iters"):
             set_key(longest, knob.name, knob.high, source="search space")
-    return reported_iterations(longest)
+    best = reported_iterations(longest)
+    for knob in space.knobs:
+        if knob.name.startswith("params.") and knob.type in ("categorical", "int"):
+            values = knob.choices if knob.type == "categorical" else range(knob.low, knob.high + 1, knob.step or 1)
+            for value in list(values)[:16]:
+                variant = copy.deepcopy(longest)
+                set_key(variant, knob.name, value, source="search space")
+                best = max(best, reported_iterations(variant))
+    return best
 
 
 def _experiment_dir(args, storage: Path) -> tuple[str, Path]:

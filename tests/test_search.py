@@ -145,3 +145,15 @@ def test_a_space_across_methods_names_each_knob_by_its_method_and_builds_each_tr
         trial = study.ask()
         optuna_space(space)(trial)
         assert all(name.startswith(trial.params["method"] + ":") for name in trial.params if name != "method")
+
+
+def test_asha_max_t_covers_the_longest_plan_a_knob_can_make():
+    from rayuda.engine.plan import reported_iterations
+    from rayuda.methods import resolve_config
+    from rayuda.tune import longest_trial
+
+    cfg = resolve_config("cada")
+    assert longest_trial(cfg, load_space("cada")) == reported_iterations(resolve_config("cada", {"params.rounds": 3}))
+    assert longest_trial(cfg, load_space("cada")) > reported_iterations(cfg)  # the default has 2 rounds
+    intrada = resolve_config("intrada")
+    assert longest_trial(intrada, load_space("intrada")) == 400  # stages.intra.iters searched up to 400
