@@ -79,8 +79,9 @@ def test_confirmation_reruns_defaults_and_the_top_config_on_fresh_seeds(search):
     assert header.startswith("# confirmed: ")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = runs_of(tmp_path)[1][0]
-    assert parent.data.tags["rayuda.model_uri"].startswith("models:/rayuda-advent/")  # the winner, registered
-    assert client.search_model_versions("name = 'rayuda-advent'")
+    model_uri = parent.data.tags["rayuda.model_uri"]
+    assert model_uri.startswith("models:/rayuda-advent/")  # the winner, registered
+    assert client.get_model_version("rayuda-advent", model_uri.rsplit("/", 1)[1]).status == "READY"
     contexts = {t.value for d in parent.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
     assert contexts == {"source", "target"}  # which images the search ran on
     _, parents, _ = runs_of(tmp_path)
