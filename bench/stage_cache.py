@@ -5,10 +5,9 @@
 
 Reads each finished trial's ``summary.json`` (``work/trials/*/summary.json``). For every stage it counts
 hits and misses and takes the seconds the stage took when it was computed (``compute_seconds``, recorded
-in the stage's ``stage.yaml``). *With the cache* the search paid each computed stage once; *without it*
-every trial would have computed every one of its stages, so the saving is Σ over trials of the
-compute seconds of the stages it found in the cache. (Early-stopped trials write no summary and are left
-out of both sums.)
+in the stage's ``stage.yaml``). *With the cache* the search paid each distinct stage once (whichever trial
+computed it — possibly one ASHA stopped later); *without it* every trial would have computed every one of
+its stages. Both sums cover the finished trials' stages (early-stopped trials write no summary).
 """
 
 from __future__ import annotations
@@ -29,13 +28,16 @@ def main(argv=None) -> int:
         print(f"error: no finished trial under {args.search}/work/trials", file=sys.stderr)
         return 2
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    with_cache = without_cache = 0.0
+    computed: dict[str, float] = {}  # stage folder → its compute seconds (paid once, by whichever trial)
+    without_cache = 0.0
     for summary in summaries:
         for stage in summary["stages"]:
             counts[stage["stage"]][stage["cache"]] += 1
             seconds = stage.get("compute_seconds") or 0.0
             without_cache += seconds
-            with_cache += seconds if stage["cache"] == "miss" else 0.0
+            if stage["dir"]:
+                computed[stage["dir"]] = seconds
+    with_cache = sum(computed.values())
     print(f"{len(summaries)} finished trials of {args.search}\n")
     print("| stage | misses | hits | skipped |\n|---|---|---|---|")
     for name, c in counts.items():
