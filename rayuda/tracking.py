@@ -39,7 +39,7 @@ def default_tracking_uri() -> str:
 def client_for(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # never a registry pinned globally by other code
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
@@ -396,7 +396,7 @@ def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool 
     with tempfile.TemporaryDirectory(prefix="rayuda-model-") as tmp, mlflow_uri(uri):
         save_config(run.config, Path(tmp) / MODEL_CONFIG)
         shutil.copyfile(run.weights, Path(tmp) / MODEL_STATE)
-        logged = mlflow.MlflowClient(uri).create_logged_model(  # in the run's experiment, not the active one
+        logged = client_for(uri).create_logged_model(  # in the run's experiment, not the active one
             experiment_id, name="model", source_run_id=run_id,
             tags={"rayuda.method": method, "rayuda.run_dir": str(run_dir), "rayuda.weights": Path(run.weights).name},
             params={k: str(v)[:6000] for k, v in flatten(run.config).items()})

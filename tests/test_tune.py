@@ -15,6 +15,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from rayuda.tracking import client_for
+
 TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
         "--set", "stages.source_only.iters=4", "--set", "train.log_every=2", "--set", "train.num_masks=2"]
 
@@ -77,7 +79,7 @@ def test_confirmation_reruns_defaults_and_the_top_config_on_fresh_seeds(search):
     assert "| defaults |" in report and "**Verdict:**" in report
     header = (tmp_path / "best.yaml").read_text().splitlines()[0]
     assert header.startswith("# confirmed: ")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")  # tracking and registry: this search's store
     parent = runs_of(tmp_path)[1][0]
     model_uri = parent.data.tags["rayuda.model_uri"]
     assert model_uri.startswith("models:/rayuda-advent/")  # the winner, registered
