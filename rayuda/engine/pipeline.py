@@ -305,14 +305,14 @@ def run_pipeline(
     return _summarise(run, method, records, out_dir, start_time, total, _test_results(run, out_dir))
 
 
-def _test_results(run: PlanRun, out_dir: Path) -> dict[str, Any] | None:
+def _test_results(run: PlanRun, out_dir: Path) -> dict[str, Any]:
     """The final and the selected (best-scoring) model on the holdout's test part: the reported results."""
     select, test = holdout_parts(run.cfg)
     out: dict[str, Any] = {"selection_images": len(select), "images": len(test) if test else 0}
     if test is None:
         return out
+    model = _load_model(run, run.cfg, None)  # built once (its init applied once); each result loads its weights
     for name, weights in (("final", "model.pt"), ("selected", "best_model.pt")):
-        model = _load_model(run, run.cfg, None)
         model.load_state_dict(load_checkpoint(out_dir / weights))
         metrics = evaluate(model, test, num_classes=len(run.class_names), device=run.runtime.device,
                            class_names=run.class_names)
