@@ -30,14 +30,22 @@ BASE_DEFAULTS: dict[str, Any] = {
         "batch_size": 8,
         "size": None,  # [H, W] to resize to before cropping; null keeps the file's size
         "crop": None,  # [H, W] random crop for training; null = whole image
+        # per-domain size/crop (GTA5 1280×720 with Cityscapes 1024×512); null = the shared data.size/crop above.
+        # The target's size is also the evaluation and pseudo-label size.
+        "source": {"size": None, "crop": None},
+        "target": {"size": None, "crop": None},
         "flip": True,
-        "jitter": 0.0,
+        "jitter": 0.0,  # brightness/contrast/saturation factor range [1 - jitter, 1 + jitter] (shorthand)
+        # photometric augmentations of training images (rayuda.data.transforms.Transform; searchable):
+        # brightness/contrast/saturation null = data.jitter; hue ≤ 0.5; blur = max Gaussian sigma (p = 0.5);
+        # noise = std of additive Gaussian noise on the [0, 1] image
+        "augment": {"brightness": None, "contrast": None, "saturation": None, "hue": 0.0, "blur": 0.0, "noise": 0.0},
         "holdout": None,  # use only the first N labelled target-val images (selection + test)
         # the labelled target-val images are split, by a seeded hash of their names, into a selection part
         # (the search's score, checkpoint choice) and a test part (the numbers reported as results)
         "test_fraction": 0.5,
         "split_seed": 0,
-        "num_workers": 0,
+        "num_workers": None,  # DataLoader workers; null: 0 on CPU, min(4, half the CPUs) on CUDA (engine/accel.py)
     },
     "model": {
         "backbone": "resnet18",
@@ -45,6 +53,10 @@ BASE_DEFAULTS: dict[str, Any] = {
         "multi_level": False,
         "freeze_bn": False,
         "init": "random",
+        # G's input: "imagenet" (RGB in [0, 1], ImageNet mean/std: torchvision weights) or "caffe" (BGR in 0–255
+        # minus (104.008, 116.669, 122.675), no std: the DeepLab "Scale." checkpoint AdaptSegNet/AdvEnt start from)
+        "preprocessing": "imagenet",
+        "align_corners": False,  # logits upsampling to label size; the ADVENT/AdaptSegNet/FADA code uses true
     },
     "optim": {  # G's learning rate is per stage: stages.<name>.lr
         "momentum": 0.9,
@@ -57,10 +69,15 @@ BASE_DEFAULTS: dict[str, Any] = {
         "eval_every": 100,  # also the checkpoint interval of unreported stages
         "log_every": 50,
         "device": "auto",
-        "amp": False,
+        "amp": True,  # autocast of G's forward on CUDA (a no-op on CPU); losses and probabilities in float32
+        "amp_dtype": "bfloat16",  # or "float16" (with a gradient scaler)
+        "channels_last": None,  # NHWC layout of G and its input; null: on with CUDA (runtime, no cache key)
+        "cudnn_benchmark": None,  # null: on with CUDA unless deterministic or the GPU is shared by several trials
+        "compile": False,  # torch.compile of G's training forward (runtime)
         "deterministic": False,  # torch.use_deterministic_algorithms (bit-identical reruns on GPUs too)
-        "metric": "miou",
+        "metric": "miou",  # or a label-free validator; "auto": miou on a labelled target, else AUTO_UNLABELLED
         "num_masks": 4,
+        "probe_images": 16,  # target-train images each evaluation stores predictions of (rayuda.engine.probe)
     },
     # Per-stage schedules. source_only is the cached stage every plan starts from (iters 0: start the next
     # stage from model.init); a method adds its own stages (rayuda.methods).
@@ -75,6 +92,10 @@ def default_config(method: str, params: dict[str, Any], schedules: dict[str, dic
     cfg["method"] = method
     cfg["params"] = copy.deepcopy(params)
     cfg["stages"].update(copy.deepcopy(schedules))
+    for schedule in cfg["stages"].values():
+        # the poly schedule's nominal length: lr·(1 − i/decay_iters)^power; null = iters (decays to 0 at the end).
+        # The references train shorter than they decay (ADVENT 120k of 250k, FADA 40k of 62.5k).
+        schedule.setdefault("decay_iters", None)
     return cfg
 
 

@@ -1,6 +1,6 @@
 """The losses of every method, as plain functions of tensors.
 
-Notation (METHODS.md): ``P = softmax(G(x))``, N×C×H×W; ``C`` classes; ignore label 255. Every log of a
+Notation (the papers'): ``P = softmax(G(x))``, N×C×H×W; ``C`` classes; ignore label 255. Every log of a
 probability is ``log(P + EPS)`` with ``EPS = 1e-30`` (AdvEnt's convention), so ``0·log 0`` is 0 and
 gradients stay finite; probabilities are expected in float32 (1e-30 underflows in float16).
 """
@@ -71,17 +71,21 @@ def confidence_aware_entropy(
     of P against the sharpened target Q of :func:`confidence_aware_target`.
 
     ``per_class`` returns the C terms ``−Q_c log P_c / log C`` (N×C×H×W; the discriminator input, a
-    METHODS.md choice mirroring AdvEnt), else their channel sum, the CE map itself (N×1×H×W). The
-    ``1/log C`` factor is the paper's (eq. 4), as in AdvEnt's normalised entropy.
+    choice mirroring AdvEnt: the paper does not say how many channels D sees), else their channel sum, the
+    CE map itself (N×1×H×W). The ``1/log C`` factor is the paper's (eq. 4), as in AdvEnt's normalised entropy.
     """
     terms = -confidence_aware_target(prob, detach_target) * _log(prob) / math.log(prob.shape[1])
     return terms if per_class else terms.sum(1, keepdim=True)
 
 
 def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
-    """Style feature (CRAM eq. 10), N×C×C: ``S = V Vᵀ`` with V the C×(H·W) flattened map; unnormalised."""
-    v = feat.flatten(2)
-    return v @ v.transpose(1, 2)
+    """Style feature (CRAM eq. 10), N×C×C: ``S = V Vᵀ`` with V the C×(H·W) flattened map; unnormalised.
+
+    In float32 even under autocast: the style loss is a difference of Gram matrices, which bfloat16 cancels.
+    """
+    with torch.autocast(feat.device.type, enabled=False):
+        v = feat.float().flatten(2)
+        return v @ v.transpose(1, 2)
 
 
 def style_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
@@ -266,9 +270,10 @@ def pla_d_loss(d_logits: torch.Tensor, hard: torch.Tensor, normalise: bool = Tru
     ``−log Σ(D∘M) − log Σ((1−D)∘(1−M))`` with ``D = sigmoid(d_logits)`` (N×1×H×W, D = 1 means *hard*) and
     ``M`` the hard mask (1 hard, 0 easy).
 
-    (choice, METHODS.md) ``normalise`` divides each sum by its mask's pixel count (the mean of D over hard
-    pixels, of 1 − D over easy ones): the counts are constants, so the gradients are those of the paper's
-    sums, and the value is a log-likelihood in [0, ∞). ``normalise=False`` is the paper's literal form.
+    (choice: eq. 6's unnormalised sums make the logs unbounded) ``normalise`` divides each sum by its mask's
+    pixel count (the mean of D over hard pixels, of 1 − D over easy ones): the counts are constants, so the
+    gradients are those of the paper's sums, and the value is a log-likelihood in [0, ∞).
+    ``normalise=False`` is the paper's literal form.
     """
     d = torch.sigmoid(d_logits.float())
     hard = hard.to(d.dtype).reshape(d.shape)

@@ -1,4 +1,4 @@
-"""Segmentation metrics: confusion matrix, per-class IoU and mIoU (METHODS.md, "Evaluation").
+"""Segmentation metrics: confusion matrix, per-class IoU and mIoU, the papers' protocol (AdaptSegNet/AdvEnt).
 
 Rows of the confusion matrix are the ground truth, columns the prediction; only pixels with a valid
 label (``!= ignore_index`` and ``< num_classes``) count. ``IoU_c = TP / (TP + FP + FN)``

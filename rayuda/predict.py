@@ -1,8 +1,9 @@
 """``python -m rayuda.predict RUN --images PATH``: segment a folder of images with a trained run.
 
 RUN is a run folder (``python -m rayuda.train``'s ``--out``) or a Tune trial folder (``config.yaml`` and
-``best_model.pt`` / ``model.pt``), a search folder ``STORAGE/NAME`` (its trial with the highest
-``best_score`` in ``work/trials/*/summary.json``), or an MLflow model URI (``models:/rayuda-cram/latest``,
+``best_model.pt`` / ``model.pt``), a search folder ``STORAGE/NAME`` (the run of its confirmed winner,
+``work/winner.json``; without one, its trial with the highest ``best_score`` in ``work/trials/*/summary.json``),
+or an MLflow model URI (``models:/rayuda-cram/latest``,
 ``runs:/...``) logged by :func:`rayuda.tracking.log_winner_model`.
 
 Examples::
@@ -72,9 +73,16 @@ class LoadedRun:
         return class_names(self.config["protocol"])
 
     @property
+    def preprocessing(self) -> str:
+        """How images become G's input (``model.preprocessing``; runs from before the key: ``imagenet``)."""
+        return self.config["model"].get("preprocessing", "imagenet")
+
+    @property
     def size(self) -> tuple[int, int] | None:
-        """The (H, W) images are resized to before G, as in training (``data.size``); None: own size."""
-        size = self.config["data"]["size"]
+        """The (H, W) images are resized to before G, as target images in training (``data.target.size``, else
+        ``data.size``); None: own size."""
+        data = self.config["data"]
+        size = (data.get("target") or {}).get("size") or data["size"]
         if size is None:
             return None
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -100,7 +108,8 @@ def pick_trial(search_dir: Path) -> tuple[Path, str]:
 
 
 def locate(run: str) -> tuple[Path, str | None]:
-    """The run folder RUN names (a search folder → its best trial) and a note on how it was chosen."""
+    """The run folder RUN names (a search folder → its confirmed winner, or without one its best-scoring trial)
+    and a note on how it was chosen."""
     path = Path(run).expanduser()
     if not path.exists():
         raise RunError(f"{path}: no such run folder, search folder or MLflow model URI")
@@ -108,6 +117,13 @@ def locate(run: str) -> tuple[Path, str | None]:
         raise RunError(f"{path}: RUN must be a folder (run, trial or search) or an MLflow model URI")
     if (path / "config.yaml").is_file():
         return path, None
+    winner = path / "work" / "winner.json"  # written by rayuda.tune: the confirmed winner's run folder
+    if winner.is_file():
+        try:
+            record = json.loads(winner.read_text())
+            return path / record["run"], f"search {path}: its winner {record['run']} ({record['why']})"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunError(f"{winner}: unreadable ({err})") from None
     if (path / "best.yaml").is_file() or (path / "work" / "trials").is_dir():
         return pick_trial(path)
     raise RunError(f"{path / 'config.yaml'}: missing (not a run folder; a search folder has best.yaml and "
@@ -251,8 +267,8 @@ class _ResizeImageOnly:
 
     random = False
 
-    def __init__(self, size: tuple[int, int] | None):
-        self.transform = Transform(size=size)
+    def __init__(self, size: tuple[int, int] | None, preprocessing: str = "imagenet"):
+        self.transform = Transform(size=size, preprocessing=preprocessing)
 
     def __call__(self, image: Image.Image, label: np.ndarray | None = None, rng=None):
         img, _ = self.transform(image)
@@ -265,8 +281,9 @@ class ImageSet(Dataset):
     """The images to segment: items ``image`` (G's input), ``label`` (train ids at the image's size, 255 =
     none) and ``index``. ``names[i]`` is the output name (relative path, no suffix), ``sizes[i]`` (H, W)."""
 
-    def __init__(self, path: Path, size: tuple[int, int] | None, protocol: int, exclude: Path | None = None):
-        self.transform = _ResizeImageOnly(size)
+    def __init__(self, path: Path, size: tuple[int, int] | None, protocol: int, exclude: Path | None = None,
+                 preprocessing: str = "imagenet"):
+        self.transform = _ResizeImageOnly(size, preprocessing)
         self.labelled = None
         if path.is_file():
             files, root = [path], path.parent
@@ -347,6 +364,7 @@ def predict_folder(run: LoadedRun, images: ImageSet, out: Path, *, batch_size: i
     """Segment every image of ``images`` into ``out`` (labels/, color/, overlay/); the metrics when labelled."""
     from rayuda.metrics import Evaluator
     from rayuda.models import upsample_logits
+    from rayuda.models.predict import model_align_corners
 
     device = device or torch.device("cpu")
     model = run.model.to(device).eval()
@@ -358,7 +376,8 @@ def predict_folder(run: LoadedRun, images: ImageSet, out: Path, *, batch_size: i
     for batch in loader:
         logits = model(batch["image"].to(device)).logits["main"]
         for j, index in enumerate(batch["index"]):
-            pred = upsample_logits(logits[j : j + 1], images.sizes[index]).argmax(1)[0].to(torch.uint8).cpu()
+            own = upsample_logits(logits[j : j + 1], images.sizes[index], model_align_corners(model))
+            pred = own.argmax(1)[0].to(torch.uint8).cpu()
             label = batch["label"][j]
             if bool((label != 255).any()):
                 evaluator.update(pred[None], label[None])
@@ -425,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
         device = pick_device(args.device)
         run, note = resolve_run(args.run, args.weights, args.mlflow_uri)
-        images = ImageSet(Path(args.images).expanduser(), run.size, run.config["protocol"], exclude=out)
+        images = ImageSet(Path(args.images).expanduser(), run.size, run.config["protocol"], exclude=out,
+                          preprocessing=run.preprocessing)
         if note:
             print(note, flush=True)
         fed = f"resized to {run.size[0]}x{run.size[1]} (data.size)" if run.size else "at its own size (no data.size)"

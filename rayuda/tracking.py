@@ -4,8 +4,8 @@ Everything is logged from the Tune driver through a :class:`MlflowTracker` callb
 need no MLflow access: the driver reads what trials write to the (shared) experiment storage.
 
 * child run: resolved config as params, every evaluation's metrics against the iteration (``miou``,
-  ``iou/<class>``, ``loss/<name>``, ``target_entropy``, ``score``), the predicted masks of each
-  evaluation (Cityscapes palette), the best checkpoint, every stage of the trial's plan (tag
+  ``iou/<class>``, ``loss/<name>``, ``target_entropy``, the validators ``proxy/*``, ``score``), the predicted
+  masks of each evaluation (Cityscapes palette), the best checkpoint, every stage of the trial's plan (tag
   ``rayuda.stage.<name>`` = cache hit/miss, metric ``stage_seconds/<name>``), and a final status:
   ``FINISHED`` (its last stage reported its final evaluation), ``KILLED`` (stopped early by ASHA, tag
   ``rayuda.outcome=early_stopped``) or ``FAILED``.
@@ -19,21 +19,54 @@ the working directory (MLflow 3 refuses the plain ``./mlruns`` file store by def
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from rayuda.config import flatten
+from rayuda.config import ConfigError, flatten
 
 OUTCOME_STATUS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
-METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "flip_agreement", "score", "pseudo", "test/")
+METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "flip_agreement", "proxy/", "score", "pseudo", "test/")
 
 
 def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str, flag: str = "--mlflow-uri") -> None:
+    """Refuse, before any compute, a tracking URI that cannot work: an HTTP server that does not answer (one
+    request, 5 s), or a ``sqlite:``/``file:`` store whose folder is missing or not writable."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # something answered: MLflow will say more if it is not an MLflow server
+        except (urllib.error.URLError, OSError) as err:
+            raise ConfigError(f"{flag} {uri}: no MLflow server answers ({getattr(err, 'reason', err)}); start one "
+                              f"(mlflow server --host 127.0.0.1 --port 5000) or pass another {flag}") from None
+        return
+    if scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent  # sqlite:///relative.db or sqlite:////absolute.db
+    elif scheme in ("file", ""):
+        folder = Path(urllib.parse.urlparse(uri).path if scheme else uri)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # a file store's folders are made on first use
+    else:
+        return  # databricks, a plugin's scheme, ...: MLflow's own errors are the best we can do
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {uri}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag} {uri}: folder {folder} is not writable")
 
 
 def client_for(uri: str):
@@ -44,7 +77,8 @@ def client_for(uri: str):
 
 def ensure_experiment(client, name: str, uri: str) -> str:
     """The MLflow experiment ``name`` (created on first use; local stores keep artifacts beside the db), tagged
-    as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`) so that MLflow 3's UI opens it on its runs."""
+    as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`; MLflow 3.17's UI still needs the link's
+    ``?workflowType=machine_learning`` to open on the runs table, see ``bench/mlflow_ui.py``)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.tags.get(EXPERIMENT_KIND_TAG, "") in _GUESSED_KINDS:
@@ -67,17 +101,32 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def outcome(result: dict[str, Any] | None, error: bool = False) -> str:
-    """``finished`` if the trial's last result is the engine's final report; ``early_stopped`` otherwise."""
-    if error:
+    """``finished`` if the trial's last result is the engine's final report; ``failed`` if it raised or reported
+    a failure (a loss went non-finite); ``early_stopped`` otherwise."""
+    if error or (result or {}).get("failed"):
         return "failed"
     return "finished" if result and result.get("last_report") else "early_stopped"
+
+
+def error_line(text: str) -> str:
+    """The line of a traceback (or an exception's text) that says what went wrong: its last non-empty line."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1][:1000] if lines else "unknown error"
+
+
+def trial_error(trial) -> str:
+    """The error a Ray trial ended with, in one line (from the error file Ray writes beside it)."""
+    path = getattr(trial, "error_file", None)
+    try:
+        return error_line(Path(path).read_text()) if path else "unknown error"
+    except OSError:
+        return "unknown error (its error file could not be read)"
 
 
 def summary_environment(summary_path: Path) -> dict[str, Any]:
     """The machine facts a trial's ``summary.json`` recorded (torch, CPU/GPU, threads, deterministic)."""
     if not Path(summary_path).is_file():
         return {}
-    import json
 
     return json.loads(Path(summary_path).read_text()).get("environment", {})
 
@@ -86,7 +135,6 @@ def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
     """For every pseudo-label stage of a run that decided per-class thresholds (``per_class`` in its facts), a
     CSV table and a bar chart of them in ``out_dir`` (``thresholds-<stage>.csv`` / ``.png``); returns the files."""
     import csv
-    import json
 
     if not Path(summary_path).is_file():
         return []
@@ -134,7 +182,6 @@ def stage_lines(summary_path: Path) -> dict[str, str]:
     """``{stage: "hit 0.0 s"}`` from a trial's ``summary.json`` (empty if the trial wrote none)."""
     if not Path(summary_path).is_file():
         return {}
-    import json
 
     stages = json.loads(Path(summary_path).read_text())["stages"]
     return {s["stage"]: f"{s['cache']} {s['seconds']:.1f} s" for s in stages}
@@ -168,6 +215,9 @@ class MlflowTracker(tune.Callback):
     @property
     def client(self):
         if self._client is None:
+            record = Path(self.work_root) / "search.json"  # on --resume, the URI given then (Ray pickled ours)
+            if record.is_file():
+                self.uri = json.loads(record.read_text()).get("mlflow_uri", self.uri)
             self._client = client_for(self.uri)
             self._experiment_id = ensure_experiment(self._client, self.experiment, self.uri)
         return self._client
@@ -257,14 +307,16 @@ class MlflowTracker(tune.Callback):
                 self.client.log_artifacts(self.child_run_id(trial), str(masks), f"masks/iter_{step:06d}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, outcome(trial.last_result))
+        self._finish(trial, outcome(trial.last_result), (trial.last_result or {}).get("failed"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "failed")
+        self._finish(trial, "failed", trial_error(trial))
 
-    def _finish(self, trial, result: str) -> None:
+    def _finish(self, trial, result: str, error: str | None = None) -> None:
         run_id = self.child_run_id(trial)
         self.client.set_tag(run_id, "rayuda.outcome", result)
+        if error:
+            self.client.set_tag(run_id, "rayuda.error", error[:5000])
         trial_dir = Path(self.work_root) / "trials" / trial.trial_id
         for key, value in summary_environment(trial_dir / "summary.json").items():
             self.client.set_tag(run_id, f"rayuda.env.{key}", str(value))
@@ -332,7 +384,6 @@ def dataset_input(spec: str, role: str, protocol: int):
     ``relative path<TAB>size in bytes`` lines, so renamed, added, removed or resized files change it.
     """
     import hashlib
-    import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -389,8 +440,10 @@ def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool 
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names), -1, -1))]))
     metadata = {"rayuda": {"method": method, "protocol": run.config["protocol"], "classes": names,
-                           "data_size": run.config["data"]["size"],
-                           "input": "RGB scaled to [0, 1], ImageNet mean/std normalised, N×3×H×W float32; "
+                           "data_size": list(run.size) if run.size else None,
+                           "preprocessing": run.preprocessing,
+                           "input": "N×3×H×W float32; preprocessing imagenet: RGB scaled to [0, 1], ImageNet "
+                                    "mean/std normalised; caffe: BGR in 0–255 minus (104.008, 116.669, 122.675); "
                                     "resize to data_size first when set, as in training"}}
     experiment_id = client_for(uri).get_run(run_id).info.experiment_id
     with tempfile.TemporaryDirectory(prefix="rayuda-model-") as tmp, mlflow_uri(uri):

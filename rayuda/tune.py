@@ -19,6 +19,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import csv
 import json
@@ -38,6 +39,7 @@ from rayuda.methods import METHODS, plan_of, resolve_config
 from rayuda.search import Knob, SearchSpace, config_for, load_space, optuna_space
 
 DEFAULT_STORAGE = "rayuda_results"
+WINNER = "winner.json"  # under STORAGE/NAME/work/: the run folder of the search's (confirmed) winner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations of the method's last reported stage (default stages.<name>.iters)")
     p.add_argument("--grace", type=int, default=None, help="ASHA grace period in iterations (default max/4)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
-    p.add_argument("--metric", default=None, choices=sorted(SELECTION_METRICS),
-                   help="selection metric: miou on the labelled target holdout, or a label-free proxy")
+    p.add_argument("--metric", default=None, choices=sorted(SELECTION_METRICS) + ["auto"],
+                   help="selection metric: miou on the labelled target holdout, or a label-free validator "
+                        "(rayuda.validators); auto: miou on a labelled target, else im")
     p.add_argument("--holdout", type=int, default=None, help="use N labelled target images for selection")
     p.add_argument("--seed", type=int, default=None, help="seed of the runs and of the TPE sampler")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
@@ -82,11 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
                    help="log the winner as an MLflow model and register it as rayuda-METHOD (default: yes)")
     p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms (train.deterministic)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="also keep the Optuna study in this RDB (e.g. sqlite:///optuna.db) for optuna-dashboard; "
+                        "the study is named after the search (default: in memory)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a trial whose worker died or raised, each from its last checkpoint (default 2)")
     return p
 
 
 # -- the searcher ------------------------------------------------------------------------------------
-def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path):
+def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path, storage: str | None = None,
+                  study_name: str | None = None):
     """OptunaSearch (seeded TPE) that tells Optuna the truth about trials ASHA stopped early.
 
     Ray's integration completes every stopped trial with its last score, which TPE then trusts as a
@@ -102,9 +111,12 @@ def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path
         def on_trial_complete(self, trial_id, result=None, error=False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return super().on_trial_complete(trial_id, result, error)
-            if result is not None and self.metric in result:
+            if result is not None and self.metric in result and not result.get("failed"):
                 self.on_trial_result(trial_id, result)  # Tune hands the last result only to this hook
             reached = result is not None and bool(result.get("last_report"))
+            error = error or bool((result or {}).get("failed"))
+            if error:
+                result = None
             if error or result is None or reached or self.metric not in result:
                 super().on_trial_complete(trial_id, result, error)
             else:
@@ -114,7 +126,7 @@ def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path
 
         def on_trial_result(self, trial_id, result):
             # report at the engine's iteration (ASHA's time axis), not Ray's report counter
-            if trial_id in self._completed_trials or self.metric not in result:
+            if trial_id in self._completed_trials or self.metric not in result or result.get("failed"):
                 return
             ot_trial, step = self._ot_trials[trial_id], int(result.get("iteration", 0))
             if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
@@ -123,6 +135,7 @@ def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path
     searcher = PruningAwareOptunaSearch(
         space=space_fn, metric=metric, mode="max", points_to_evaluate=[first] if first else None,
         sampler=optuna.samplers.TPESampler(seed=seed),
+        storage=optuna.storages.RDBStorage(storage) if storage else None, study_name=study_name,
     )
     searcher.record = str(record)
     return searcher
@@ -168,12 +181,14 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     from ray import tune
 
     from rayuda.engine import run_pipeline
+    from rayuda.engine.loop import NonFiniteLoss
 
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     cfg = config_for(setup["configs"], params)
     out_dir = Path(setup["work_root"]) / "trials" / tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()  # which machine ran it, tagged in MLflow
     last: list[tuple[dict[str, Any], Path]] = []
+    reached = {"iteration": 0}  # the step axis's last reported iteration
 
     def send(metrics: dict[str, Any], report_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(report_dir)) if report_dir is not None else None
@@ -181,12 +196,19 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], report_dir: Path | None) -> None:
         metrics = {**metrics, "node_id": node_id}
+        reached["iteration"] = metrics["iteration"]
         if metrics.get("last_report"):
             last.append((metrics, report_dir))  # Tune ends the trial at its last report: hold it
             return                              # until the pipeline has written summary.json
         send(metrics, report_dir)
 
-    summary = run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
+    try:
+        summary = run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
+    except NonFiniteLoss as err:  # deterministic: a retry would diverge again, so the trial ends as failed
+        failed = {"iteration": reached["iteration"], "score": float("-inf"), "failed": str(err), "node_id": node_id}
+        (out_dir / "failure.txt").write_text(str(err) + "\n")
+        tune.report(failed)
+        return
     dirs = {s["stage"]: s["dir"] for s in summary["stages"]}
     test = summary.get("test") or {}
     for metrics, _ in last:  # the stage's folder has moved from .partial to its cache place since
@@ -232,6 +254,12 @@ def prepare(args) -> dict[str, Any]:
     """Validate everything the search needs before Ray starts: methods, configs, space, data specs."""
     methods = search_methods(args)
     auto = args.method == AUTO
+    for flag, value in (("--num-samples", args.num_samples), ("--max-iters", args.max_iters),
+                        ("--confirm-seeds", args.confirm_seeds)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be ≥ 1, got {value}")
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures must be ≥ 0, got {args.max_failures}")
     overrides = parse_assignments(args.set)
     for key, value in (("source", args.source), ("target", args.target), ("seed", args.seed),
                        ("train.metric", args.metric), ("data.holdout", args.holdout),
@@ -249,6 +277,8 @@ def prepare(args) -> dict[str, Any]:
         if args.max_iters is not None:
             fixed[f"stages.{final_stage(configs[m])}.iters"] = args.max_iters
     spaces = {m: sp.without(fixed) for m, sp in spaces.items()}
+    for m in methods:
+        check_knob_values(spaces[m], configs[m])
     space = auto_space(spaces) if auto else spaces[methods[0]]
     if not space.knobs:
         raise ConfigError("every knob of the search space is fixed by --set: nothing to search")
@@ -265,10 +295,22 @@ def prepare(args) -> dict[str, Any]:
 
     for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target")):
         open_dataset(spec, split, role=role, protocol=cfg["protocol"])
-    metric = cfg["train"]["metric"]
-    from rayuda.engine.pipeline import describe_holdout
+    from rayuda.engine.pipeline import describe_holdout, resolve_selection_metric
+
+    requested = cfg["train"]["metric"]
+    for method_cfg in configs.values():
+        metric = resolve_selection_metric(method_cfg)  # `auto` → what it means for this target, in every trial
+        check_plan(plan_of(method_cfg), method_cfg)  # e.g. a probe validator with train.probe_images 0
+    if requested != metric:
+        print(f"selection metric {requested!r} → {metric!r} (the target holdout "
+              f"{'is' if metric == 'miou' else 'is not'} labelled)", flush=True)
 
     print(describe_holdout(cfg), flush=True)  # refuses miou on a target without labels, an empty selection
+    from rayuda.engine.pipeline import check_inputs
+
+    for method_cfg in configs.values():  # G builds, model.init loads, every image and label decodes
+        check_inputs(method_cfg, list(open_dataset(cfg["source"], "train", role="source",
+                                                   protocol=cfg["protocol"]).class_names))
     if auto and metric != "miou":
         print(f"WARNING: comparing methods on the label-free {metric!r} score favours methods that minimise "
               f"entropy (minent, advent, fgdem); prefer a few labelled target images and --metric miou", flush=True)
@@ -276,6 +318,19 @@ def prepare(args) -> dict[str, Any]:
         raise ConfigError("--confirm-top must be ≥ 0, --confirm-seeds ≥ 1 and --min-gain ≥ 0 (or --no-confirm)")
     return {"configs": configs, "space": space, "spaces": spaces, "fixed": fixed, "max_iters": max_iters,
             "grace": grace}
+
+
+def check_knob_values(space: SearchSpace, cfg: dict[str, Any]) -> None:
+    """Each knob's extreme values (a categorical knob's every choice) set into the method's config and its plan
+    checked, so a knob whose type or range its config key cannot take fails here rather than in every trial."""
+    for knob in space.knobs:
+        for value in knob.choices if knob.type == "categorical" else (knob.low, knob.high):
+            trial_cfg = copy.deepcopy(cfg)
+            try:
+                set_key(trial_cfg, knob.name, value, source=f"{space.source}: knob {knob.name}")
+                check_plan(plan_of(trial_cfg), trial_cfg)
+            except ConfigError as err:
+                raise ConfigError(f"{space.source}: knob {knob.name} = {value!r} cannot run: {err}") from None
 
 
 def auto_space(spaces: dict[str, SearchSpace]) -> SearchSpace:
@@ -337,12 +392,54 @@ def _experiment_dir(args, storage: Path) -> tuple[str, Path]:
     return name, storage / name
 
 
+def search_record(exp_dir: Path) -> dict[str, Any]:
+    """What a search set out to do (``work/search.json``: trial count, MLflow URI), for ``--resume``."""
+    path = exp_dir / "work" / "search.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_trusted(exp_dir: Path) -> None:
+    """``--resume`` makes Ray unpickle the search's state files: refuse files another user owns or anyone can
+    write (a planted file would run its code as you); warn about group-writable ones."""
+    uid = os.getuid()
+    for path in [exp_dir, *(p for p in exp_dir.iterdir() if p.is_file())]:
+        st = path.stat()
+        if st.st_uid != uid or st.st_mode & 0o002:
+            who = "is owned by another user" if st.st_uid != uid else "is writable by anyone"
+            raise ConfigError(f"--resume: {path} {who}; Ray unpickles a search's state files when it resumes it, so "
+                              f"only resume searches whose storage only you (or people you trust) can write")
+        if st.st_mode & 0o020:
+            print(f"WARNING: {path} is writable by its group: everyone in it can run code in your --resume",
+                  file=sys.stderr)
+
+
+def check_optuna_storage(url: str) -> None:
+    """Open ``--optuna-storage`` once (it creates its tables) so a bad URL fails before Ray starts."""
+    import optuna
+
+    try:
+        optuna.storages.RDBStorage(url)
+    except Exception as err:  # SQLAlchemy raises many types for bad URLs and unwritable files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--optuna-storage {url}: {first[:300]}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from rayuda.tracking import check_tracking_uri, default_tracking_uri
+
+        if args.mlflow_uri:
+            check_tracking_uri(args.mlflow_uri)  # the cheapest check first
         plan = prepare(args)
         storage = Path(args.storage).resolve()
         name, exp_dir = _experiment_dir(args, storage)
+        if args.resume:
+            check_trusted(exp_dir)
+        args.mlflow_uri = args.mlflow_uri or search_record(exp_dir).get("mlflow_uri") or default_tracking_uri()
+        check_tracking_uri(args.mlflow_uri)
+        if args.optuna_storage:
+            check_optuna_storage(args.optuna_storage)
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -353,7 +450,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     import ray
     from ray import tune
 
-    from rayuda.tracking import MlflowTracker, default_tracking_uri
+    from rayuda.tracking import MlflowTracker
 
     configs, space, max_iters = plan["configs"], plan["space"], plan["max_iters"]
     cfg = next(iter(configs.values()))  # seed, data and metric are the same in every method's config
@@ -362,7 +459,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     work_root.mkdir(parents=True, exist_ok=True)
     for method, method_cfg in configs.items():
         save_config(method_cfg, exp_dir / ("base_config.yaml" if len(configs) == 1 else f"base_config-{method}.yaml"))
-    uri = args.mlflow_uri or default_tracking_uri()
+    uri = args.mlflow_uri  # on --resume: the one given now, else the one the search started with
     setup = {"configs": configs, "work_root": str(work_root), "cache_dir": str(cache_dir),
              "cpus_per_trial": args.cpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
@@ -385,7 +482,8 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
 
         concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
         searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score", seed=cfg["seed"],
-                                 first=space.defaults(plan["fixed"]), record=record)
+                                 first=space.defaults(plan["fixed"]), record=record, storage=args.optuna_storage,
+                                 study_name=name)
         scheduler = ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
                                   reduction_factor=args.reduction_factor)
         tracker = MlflowTracker(
@@ -400,13 +498,13 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
                                         num_samples=args.num_samples, max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent), callbacks=[tracker],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures)),
         )
     plan_file = work_root / "search.json"  # what this search set out to do, for --resume
-    if not args.resume:
-        plan_file.write_text(json.dumps({"num_samples": args.num_samples}))
+    record_ = {"num_samples": args.num_samples, **search_record(exp_dir), "mlflow_uri": uri}
+    plan_file.write_text(json.dumps(record_))  # the tracker reads the MLflow URI from here (see MlflowTracker)
     results = tuner.fit()
-    expected = json.loads(plan_file.read_text())["num_samples"] if plan_file.exists() else args.num_samples
+    expected = record_["num_samples"]
     return summarise(args, results, plan, exp_dir, name, uri, record, expected, None if args.no_confirm else setup)
 
 
@@ -427,7 +525,7 @@ def _finished_trials(record: Path) -> int:
 
 def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
     """One row per trial: outcome, best selection score, test-part mIoU, stage cache, knobs."""
-    from rayuda.tracking import outcome, stage_lines
+    from rayuda.tracking import error_line, outcome, stage_lines
 
     rows = []
     for result in results:
@@ -437,7 +535,10 @@ def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
         best = float(history["score"].max()) if history is not None and "score" in history else float("nan")
         trial_id = metrics.get("trial_id", "")
         stages = stage_lines(exp_dir / "work" / "trials" / trial_id / "summary.json")
-        rows.append({"trial": trial_id, "outcome": outcome(metrics, error=result.error is not None),
+        error = error_line(str(result.error)) if result.error is not None else metrics.get("failed")
+        if error is not None and math.isinf(best):
+            best = float("nan")  # a trial that failed before its first evaluation has no score
+        rows.append({"trial": trial_id, "outcome": outcome(metrics, error=result.error is not None), "error": error,
                      "iteration": metrics.get("iteration", 0), "best_score": best,
                      "test_miou": metrics.get("test/miou", float("nan")),
                      "stages": "; ".join(f"{k} {v}" for k, v in stages.items()), **knobs, "knobs": knobs})
@@ -471,7 +572,10 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
     print("(stage cache: one letter per stage of the plan — h hit, m miss, s skipped)")
 
     plots = _plots(record, exp_dir) if record.exists() else []
-    scored = [r for r in rows if not math.isnan(r["best_score"])]
+    failed = [r for r in rows if r["outcome"] == "failed"]
+    for reason, count in collections.Counter(r["error"] for r in failed).most_common():
+        print(f"{count} of {len(rows)} trials failed: {reason}", file=sys.stderr)
+    scored = [r for r in rows if not math.isnan(r["best_score"]) and r["outcome"] != "failed"]
     artifacts, metrics, tags = [table, *plots], {}, {}
     best_path = winner_dir = None
     if scored:
@@ -513,19 +617,35 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
         artifacts += threshold_tables(winner_dir / "summary.json", exp_dir / "winner-thresholds")
         best_path = exp_dir / "best.yaml"
         save_config(best_cfg, best_path, header=header)
+        if (winner_dir / "summary.json").exists():  # what `rayuda.predict SEARCH_FOLDER` uses
+            (exp_dir / "work" / WINNER).write_text(json.dumps({"run": str(winner_dir.relative_to(exp_dir)),
+                                                               "why": header[0]}))
         if args.best:
             save_config(best_cfg, args.best, header=header)
         print(f"best config → {best_path}" + (f" and {args.best}" if args.best else "")
               + f"  (python -m rayuda.train {best_cfg['method']} --config {args.best or best_path})")
+    all_failed = bool(rows) and len(failed) == len(rows) and not interrupted
+    if failed:
+        tags["rayuda.error"] = f"{len(failed)} of {len(rows)} trials failed; first: {failed[0]['error']}"[:5000]
+    status = "KILLED" if interrupted else "FAILED" if all_failed else "FINISHED"
     finish_search(uri, f"rayuda-{args.method}", str(exp_dir), best_config=best_path, artifacts=artifacts,
-                  metrics=metrics, tags=tags, status="KILLED" if interrupted else "FINISHED",
+                  metrics=metrics, tags=tags, status=status,
                   winner_dir=winner_dir if best_path and (winner_dir / "summary.json").exists() else None,
                   register=args.register)
-    print(f"trials table → {table}; MLflow: mlflow ui --backend-store-uri {uri}")
+    from rayuda.tracking import client_for, ensure_experiment
+
+    exp_id = ensure_experiment(client_for(uri), f"rayuda-{args.method}", uri)
+    where = (f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000" if not uri.startswith("http")
+             else uri.rstrip("/"))
+    print(f"trials table → {table}\nMLflow: {where}/#/experiments/{exp_id}?workflowType=machine_learning "
+          f"(the runs table; MLflow 3 opens on its GenAI view otherwise)")
     if interrupted:
         print(f"search interrupted; continue it with: python -m rayuda.tune {args.method} --resume "
               f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
         return 130
+    if all_failed:
+        print(f"error: every trial failed (the first: {failed[0]['error']}); see {table}", file=sys.stderr)
+        return 1
     return 0
 
 

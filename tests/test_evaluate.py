@@ -76,7 +76,9 @@ def test_unlabelled_holdout_gives_proxies_but_no_miou():
 
 @pytest.mark.parametrize("name", sorted(SELECTION_METRICS))
 def test_every_selection_score_is_higher_for_the_better_model(name):
-    good = {"miou": 0.6, "target_entropy": 0.1, "flip_agreement": 0.95}
-    bad = {"miou": 0.3, "target_entropy": 0.5, "flip_agreement": 0.70}
+    good = {"miou": 0.6, "target_entropy": 0.1, "flip_agreement": 0.95,
+            "proxy/im": 0.9, "proxy/bnm": 0.5, "proxy/snd": 5.0, "proxy/dev": 0.2}
+    bad = {"miou": 0.3, "target_entropy": 0.5, "flip_agreement": 0.70,
+           "proxy/im": 0.1, "proxy/bnm": 0.1, "proxy/snd": 4.0, "proxy/dev": 0.9}
     assert selection_score(name, good) > selection_score(name, bad)
     assert not math.isnan(selection_score(name, good))

@@ -162,6 +162,13 @@ def test_search_folder_picks_its_best_trial(trained, folder, tmp_path, capsys):
     assert main([str(search), "--images", str(folder / "images" / "img0.png"), "--out", str(tmp_path / "o")]) == 0
     assert "picked trial t_high" in capsys.readouterr().out and (tmp_path / "o" / "labels" / "img0.png").is_file()
 
+    confirmed = search / "work" / "confirm" / "defaults-seed1"  # after a confirmation phase: its winner, not t_high
+    shutil.copytree(trained, confirmed)
+    (search / "work" / "winner.json").write_text(json.dumps({"run": "work/confirm/defaults-seed1",
+                                                             "why": "confirmed: keep the defaults"}))
+    run, note = resolve_run(str(search))
+    assert Path(run.weights) == confirmed / "best_model.pt" and "keep the defaults" in note
+
 
 def _bad_runs(trained: Path, root: Path) -> dict[str, tuple[Path, str]]:
     """name → (RUN folder, the file the error must name)."""

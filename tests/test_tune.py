@@ -40,7 +40,8 @@ def runs_of(tmp_path: Path):
 def search(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tune")
     proc = subprocess.run(tune_cmd(tmp_path, "--num-samples", "4", "--max-iters", "4", "--grace", "2",
-                                   "--max-concurrent", "2", "--confirm-top", "1", "--confirm-seeds", "2"),
+                                   "--max-concurrent", "2", "--confirm-top", "1", "--confirm-seeds", "2",
+                                   "--optuna-storage", f"sqlite:///{tmp_path / 'optuna.db'}"),
                           capture_output=True, text=True, timeout=900, cwd=tmp_path,
                           env={**os.environ, "RAY_DEDUP_LOGS": "0"})  # count every trial's lines
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -102,6 +103,17 @@ def test_asha_stopped_trials_are_pruned_in_the_optuna_study(search):
     for row in record:
         last = max(int(k) for k in row["intermediate_values"])
         assert last == (4 if row["state"] == "COMPLETE" else 2)
+
+
+def test_the_optuna_study_is_kept_in_the_rdb_for_optuna_dashboard(search):
+    import optuna
+
+    tmp_path, _ = search
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
+    assert len(study.trials) == 4
+    assert [t.state.name for t in study.trials] == [r["state"] for r in record]
+    assert study.trials[0].params == record[0]["params"]
 
 
 def test_source_stage_is_trained_once_per_search(search):
@@ -174,17 +186,20 @@ def test_label_free_search_on_an_unlabelled_folder_target(tmp_path):
     assert refused.returncode == 2 and "has no labels" in refused.stderr and "flip_agreement" in refused.stderr
     assert not (tmp_path / "store").exists()  # refused before Ray started
 
-    proc = subprocess.run([*base, "--target", f"folder:{target}", "--metric", "flip_agreement", "--num-samples", "1",
+    proc = subprocess.run([*base, "--target", f"folder:{target}", "--metric", "auto", "--num-samples", "1",
                            "--max-iters", "2", "--grace", "2", "--no-confirm"], capture_output=True, text=True,
                           timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "(flip_agreement score" in proc.stdout and "0 labelled images test" in proc.stdout
+    assert "selection metric 'auto' → 'im'" in proc.stdout  # the documented default on an unlabelled target
+    assert "(im score" in proc.stdout and "0 labelled images test" in proc.stdout
     _, parents, children = runs_of(tmp_path)
-    assert parents[0].data.params["selection_metric"] == "flip_agreement"
-    assert children[0].data.tags["rayuda.selection_metric"] == "flip_agreement"
-    assert "flip_agreement" in children[0].data.metrics and "miou" not in children[0].data.metrics
-    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["train"]["metric"] == "flip_agreement"
+    assert parents[0].data.params["selection_metric"] == "im"
+    assert children[0].data.tags["rayuda.selection_metric"] == "im"
+    assert {"flip_agreement", "proxy/im", "proxy/snd", "proxy/dev"} <= set(children[0].data.metrics)
+    assert "miou" not in children[0].data.metrics
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["train"]["metric"] == "im"
+    assert list((tmp_path / "store" / "s" / "work" / "trials").glob("*/probe/eval_*.npz"))
 
 
 def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):

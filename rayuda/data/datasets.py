@@ -31,6 +31,7 @@ GTA5 and SYNTHIA have no split folders: both ``train`` and ``val`` give all thei
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,8 +179,13 @@ class SegmentationDataset(Dataset):
             raise DatasetError(f"{path}: label ids [{shown}] are not in {self._ids}")
         return self._lut[raw]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        index = range(len(self.files))[index]
+    @property
+    def id_table(self) -> str:
+        """A digest of the raw-id table labels are checked against (``rayuda.data.verify`` keys on it)."""
+        return hashlib.sha1(self._known.tobytes() + self._lut.tobytes() + bytes([self._first_channel])).hexdigest()
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
+        """Item ``index`` decoded and checked, before any transform: (RGB image, train ids or None)."""
         image_path, label_path = self.files[index]
         image = _read_image(image_path)
         label = None
@@ -191,6 +197,12 @@ class SegmentationDataset(Dataset):
                     f"is {image.width}x{image.height}"
                 )
             label = self.train_ids(raw, label_path)
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        index = range(len(self.files))[index]
+        image, label = self.load(index)
+        image_path = self.files[index][0]
         rng = np.random.default_rng([self.seed & (2**64 - 1), self.epoch, index])
         img, lbl = self.transform(image, label, rng)
         return {"image": img, "label": lbl, "name": image_path.name}

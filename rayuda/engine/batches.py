@@ -52,15 +52,19 @@ class _IterationBatches(Sampler):
 
 
 def batch_stream(
-    dataset: Dataset, batch_size: int, *, seed: int, start: int, stop: int, num_workers: int = 0
+    dataset: Dataset, batch_size: int, *, seed: int, start: int, stop: int, num_workers: int = 0,
+    pin_memory: bool | None = None,
 ) -> Iterator[dict]:
-    """Batches for iterations ``start .. stop-1`` (dicts of stacked tensors, as the default collate makes)."""
+    """Batches for iterations ``start .. stop-1`` (dicts of stacked tensors, as the default collate makes).
+
+    ``pin_memory`` (default: whether CUDA is available) pins batches for asynchronous copies to the GPU.
+    """
     sampler = _IterationBatches(len(dataset), batch_size, seed, start, stop)
     loader = DataLoader(
         _EpochItems(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,  # one loader spans the stage; its workers live as long
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
     return iter(loader)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from rayuda.config import ConfigError
 from rayuda.data.labels import palette
 from rayuda.losses import entropy_map
 from rayuda.metrics import Evaluator
@@ -62,12 +63,33 @@ def evaluate(
     return metrics
 
 
-#: Selection metrics: name → (metric key, sign). Higher score is better.
+#: Selection metrics: name → (metric key, sign). Higher score is better. ``miou`` needs a labelled holdout;
+#: the others are label-free: ``entropy`` and ``flip_agreement`` on the holdout images, the validators of
+#: :mod:`rayuda.validators` on the probe set (``im``, ``bnm``, ``snd``, ``dev``). Ensemble agreement needs
+#: every trial, so it is no selection metric during a search (``python -m rayuda.validators SEARCH``).
 SELECTION_METRICS = {
     "miou": ("miou", 1.0),
     "entropy": ("target_entropy", -1.0),
     "flip_agreement": ("flip_agreement", 1.0),
+    "im": ("proxy/im", 1.0),
+    "bnm": ("proxy/bnm", 1.0),
+    "snd": ("proxy/snd", 1.0),
+    "dev": ("proxy/dev", -1.0),
 }
+#: ``train.metric: auto``: ``miou`` on a labelled target, otherwise this validator (see docs/BENCHMARKS.md
+#: "Label-free selection over many trials" for the measurement behind the choice).
+AUTO = "auto"
+AUTO_UNLABELLED = "im"
+
+
+def resolve_metric(metric: str, labelled: bool) -> str:
+    """The selection metric ``train.metric`` names; ``auto`` becomes ``miou`` when the target holdout is
+    labelled and :data:`AUTO_UNLABELLED` when it is not."""
+    if metric == AUTO:
+        return "miou" if labelled else AUTO_UNLABELLED
+    if metric not in SELECTION_METRICS:
+        raise ConfigError(f"unknown selection metric {metric!r}; valid: {AUTO}, {', '.join(sorted(SELECTION_METRICS))}")
+    return metric
 
 
 def selection_score(metric: str, metrics: dict[str, float]) -> float:

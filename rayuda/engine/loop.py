@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,12 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from rayuda.config import ConfigError
+from rayuda.engine import accel
 from rayuda.engine.batches import batch_stream
 from rayuda.engine.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from rayuda.engine.evaluate import evaluate, selection_score
+from rayuda.engine.probe import collect_probe, save_probe
 from rayuda.methods.base import Method
 from rayuda.methods.context import TrainContext
 from rayuda.models import param_groups
+from rayuda.models.weights import load_failure
+from rayuda.validators import probe_validators
 
 #: ``report(metrics, report_dir)``: an evaluation's metrics, and the folder holding its model and masks
 #: (``None`` when a cached stage's evaluations are replayed).
@@ -32,6 +38,19 @@ class Runtime:
     num_workers: int = 0
     log_every: int = 50
     checkpoint_every: int = 100
+    channels_last: bool = False  # G, its discriminators and its input in NHWC layout (CUDA)
+    cudnn_benchmark: bool = False
+    compile: bool = False  # torch.compile of G's training forward pass
+
+    @classmethod
+    def of(cls, config: dict[str, Any], device: torch.device) -> Runtime:
+        """The runtime settings of a full run config on ``device`` (rayuda.engine.accel resolves the automatic ones)."""
+        train = config["train"]
+        return cls(device=device, num_workers=accel.num_workers(config["data"]["num_workers"], device),
+                   log_every=train["log_every"], checkpoint_every=train["eval_every"],
+                   channels_last=accel.channels_last(train, device),
+                   cudnn_benchmark=accel.cudnn_benchmark(train, device, accel.gpu_share()),
+                   compile=accel.compile_flag(train))
 
 
 @dataclass
@@ -41,6 +60,7 @@ class StageData:
     holdout: torch.utils.data.Dataset | None  # None: the stage is not evaluated
     class_names: list[str]
     frozen: dict[str, nn.Module] = field(default_factory=dict)
+    probe: tuple | None = None  # (target, source) probe sets of a reported stage (rayuda.engine.probe)
 
 
 def poly_lr(base: float, iteration: int, max_iter: int, power: float) -> float:
@@ -52,23 +72,46 @@ def _move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _float(value: Any) -> float:
-    return float(value.item()) if torch.is_tensor(value) else float(value)
+def losses_as_floats(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Several iterations' losses (tensors or numbers) as floats: one device→host copy per device.
+
+    ``train_step`` returns tensors so that an iteration never waits for the device; the loop reads them
+    only when it logs, evaluates or checkpoints.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for row in rows:
+        for value in row.values():
+            if torch.is_tensor(value):
+                by_device.setdefault(value.device, []).append(value)
+    read: dict[int, float] = {}
+    for tensors in by_device.values():
+        floats = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+        read.update(zip(map(id, tensors), floats, strict=True))
+    return [{k: read[id(v)] if torch.is_tensor(v) else float(v) for k, v in row.items()} for row in rows]
 
 
-def build_context(config, params, method: Method, model: nn.Module, data: StageData, lr: float, device) -> TrainContext:
+def build_context(config, params, method: Method, model: nn.Module, data: StageData, lr: float, device,
+                  runtime: Runtime | None = None) -> TrainContext:
     """The stage's context: ``method.setup`` on the real model, then the optimisers over what it added."""
+    runtime = runtime or Runtime(device=device)
     ctx = TrainContext(config=config, model=model, device=device, num_classes=len(data.class_names), params=params)
+    ctx.amp_dtype = accel.amp_dtype(config["train"], device)
     for name, module in data.frozen.items():
         ctx.freeze(name, module.to(device))
     method.setup(ctx)
     ctx.discriminators.to(device)
+    if runtime.channels_last:
+        ctx.memory_format = torch.channels_last
+        for module in (model, ctx.discriminators, *ctx.frozen.values()):
+            module.to(memory_format=torch.channels_last)
+    if runtime.compile:
+        ctx.compiled = torch.compile(model)
     optim = config["optim"]
     ctx.opt_g = torch.optim.SGD(param_groups(model, lr), lr=lr, momentum=optim["momentum"],
                                 weight_decay=optim["weight_decay"])
     if len(ctx.discriminators):
         ctx.opt_d = torch.optim.Adam(ctx.discriminators.parameters(), lr=optim["lr_d"], betas=tuple(optim["betas"]))
-    if config["train"]["amp"] and device.type == "cuda":
+    if ctx.amp_dtype == torch.float16:
         ctx.scaler = torch.amp.GradScaler("cuda")
     return ctx
 
@@ -94,8 +137,11 @@ def train_stage(
     """
     schedule, optim = config["stages"][label], config["optim"]
     iters, lr = int(schedule["iters"]), float(schedule["lr"])
+    decay = int(schedule.get("decay_iters") or iters)  # the poly schedule's length (≥ iters; null: iters)
     device = runtime.device
-    ctx = build_context(config, params, method, model, data, lr, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = runtime.cudnn_benchmark and not config["train"]["deterministic"]
+    ctx = build_context(config, params, method, model, data, lr, device, runtime)
     opt_g, opt_d = ctx.opt_g, ctx.opt_d
     g_rates = [group["lr"] for group in opt_g.param_groups]
     evaluated = data.holdout is not None
@@ -104,8 +150,10 @@ def train_stage(
     state_path, log_path, evals_path = work_dir / "checkpoint.pt", work_dir / "log.jsonl", work_dir / "evals.jsonl"
     best: dict[str, Any] = {"best_score": float("-inf"), "best_iteration": 0}
     start = 0
+    for orphan in work_dir.glob(".*.tmp"):  # left by a process killed while saving (atomic_save)
+        orphan.unlink(missing_ok=True)
     if state_path.exists():
-        state = load_checkpoint(state_path)
+        state = read_checkpoint(state_path)
         model.load_state_dict(state["model"])
         ctx.discriminators.load_state_dict(state["discriminators"])
         opt_g.load_state_dict(state["opt_g"])
@@ -117,6 +165,9 @@ def train_stage(
         _truncate(log_path, start)
         _truncate(evals_path, start)
         print(f"[{label}] resuming from iteration {start} ({state_path})", flush=True)
+        if report is not None and evals_path.exists():  # the evaluations made before the interruption, again
+            for line in evals_path.read_text().splitlines():
+                report({**json.loads(line), "replayed": True}, None)
 
     def checkpoint(done: int) -> None:
         atomic_save({"model": model.state_dict(), "discriminators": ctx.discriminators.state_dict(),
@@ -130,6 +181,10 @@ def train_stage(
         train = config["train"]
         metrics = evaluate(model, data.holdout, num_classes=ctx.num_classes, device=device,
                            class_names=data.class_names, masks_dir=report_dir / "masks", num_masks=train["num_masks"])
+        if data.probe is not None:  # the label-free validators' inputs, kept for recomputing them across trials
+            probe = collect_probe(model, data.probe, device=device)
+            save_probe(probe, work_dir / "probe" / f"eval_{done}.npz")
+            metrics.update(probe_validators(probe))
         metrics["score"] = selection_score(train["metric"], metrics)
         metrics["iteration"] = done
         metrics.update({f"loss/{k}": v for k, v in losses.items()})
@@ -149,17 +204,37 @@ def train_stage(
 
     seed = int(config["seed"])
     batch_size, workers = config["data"]["batch_size"], runtime.num_workers
-    sources = batch_stream(data.source, batch_size, seed=seed, start=start, stop=iters, num_workers=workers)
-    targets = (batch_stream(data.target, batch_size, seed=seed + 1, start=start, stop=iters, num_workers=workers)
+    pin = device.type == "cuda"
+    sources = batch_stream(data.source, batch_size, seed=seed, start=start, stop=iters, num_workers=workers,
+                           pin_memory=pin)
+    targets = (batch_stream(data.target, batch_size, seed=seed + 1, start=start, stop=iters, num_workers=workers,
+                            pin_memory=pin)
                if data.target is not None else None)
     metrics: dict[str, Any] = {}
     if evaluated and iters == 0 and start == 0:
         metrics = evaluate_and_report(0, {})  # a zero-length reported stage still reports its start model
-    tic, window = time.time(), []
+    tic, window, pending = time.time(), [], []  # window: floats since the last print; pending: not yet read
+
+    def read_losses() -> dict[str, float]:
+        """Read the pending iterations' losses (one sync), append them to log.jsonl; the last one's."""
+        rows = losses_as_floats([losses for _, losses in pending])
+        for (it, _), row in zip(pending, rows, strict=True):
+            bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+            if bad:  # nothing after the last checkpoint is saved: the run stops here, its checkpoint intact
+                raise NonFiniteLoss(f"stage {label}: loss {', '.join(bad)} became {row[bad[0]]} at iteration {it} "
+                                    f"(a learning rate or loss weight too large?); the last checkpoint "
+                                    f"({state_path}) was kept")
+        with open(log_path, "a") as handle:
+            handle.writelines(json.dumps({"iteration": it, **row}) + "\n"
+                              for (it, _), row in zip(pending, rows, strict=True))
+        window.extend(rows)
+        pending.clear()
+        return rows[-1]
+
     model.train()
     for i in range(start, iters):
         ctx.iteration = i
-        factor = poly_lr(1.0, i, iters, optim["power"])
+        factor = poly_lr(1.0, i, decay, optim["power"])
         for group, base in zip(opt_g.param_groups, g_rates, strict=True):
             group["lr"] = base * factor
         if opt_d is not None:
@@ -167,29 +242,59 @@ def train_stage(
                 group["lr"] = optim["lr_d"] * factor
         source = _move(next(sources), device)
         target = _move(next(targets), device) if targets is not None else None
-        losses = {k: _float(v) for k, v in method.train_step(ctx, source, target).items()}
-        window.append(losses)
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps({"iteration": i + 1, **losses}) + "\n")
+        losses = method.train_step(ctx, source, target)
+        pending.append((i + 1, {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}))
 
         done = i + 1
+        evaluating = evaluated and (done % eval_every == 0 or done == iters)
+        checkpointing = not evaluating and done % runtime.checkpoint_every == 0 and done < iters
+        if done % runtime.log_every == 0 or done == iters or evaluating or checkpointing:
+            losses = read_losses()  # the only host sync of the hot loop
         if done % runtime.log_every == 0 or done == iters:
             rate = len(window) / max(time.time() - tic, 1e-9)
             mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
             text = "  ".join(f"{k} {v:.4f}" for k, v in mean.items())
             print(f"[{label}] iter {done}/{iters}  {text}  ({rate:.1f} it/s)", flush=True)
             tic, window = time.time(), []
-        if evaluated and (done % eval_every == 0 or done == iters):
+        if evaluating:
             metrics = evaluate_and_report(done, losses)
-        elif done % runtime.checkpoint_every == 0 and done < iters:
+        elif checkpointing:
             checkpoint(done)
     atomic_save(model.state_dict(), work_dir / "model.pt")
     return {**metrics, **best} if evaluated else {}
 
 
 def _truncate(path: Path, iteration: int) -> None:
-    """Drop lines past the checkpoint, so a resumed stage's logs read as if it was never interrupted."""
+    """Drop lines past the checkpoint, so a resumed stage's logs read as if it was never interrupted; a line
+    torn by a crash mid-append (or a full disk) is dropped with a warning."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"WARNING: {path}:{number}: dropped a torn line ({line[:60]!r})", flush=True)
+            continue
+        if row["iteration"] <= iteration:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite: the stage stops instead of training on garbage."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A stage checkpoint, or a :class:`~rayuda.config.ConfigError` naming the file and what to do."""
+    try:
+        state = load_checkpoint(path)
+        missing = {"model", "iteration", "rng", "best"} - set(state)
+    except Exception as err:  # torch raises several types for empty, truncated or foreign files
+        missing, reason = None, load_failure(err)
+    else:
+        reason = f"it lacks {sorted(missing)}" if missing else ""
+    if missing is None or missing:
+        raise ConfigError(f"checkpoint {path} cannot be used ({reason}); delete it to restart this stage from its "
+                          f"first iteration")
+    return state

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rayuda.data import SegmentationDataset
-from rayuda.models.predict import upsample_logits
+from rayuda.models.predict import model_align_corners, upsample_logits
 from rayuda.pseudo import IGNORE, PseudoLabeller
 
 LABELS = "labels"
@@ -46,7 +46,7 @@ def _softmaxes(model: nn.Module, dataset: SegmentationDataset, device, batch_siz
             images = batch["image"].to(device)
             logits = model(images).logits["main"]
             for j, name in enumerate(batch["name"]):
-                own = upsample_logits(logits[j : j + 1], sizes[index])  # at the image's own size
+                own = upsample_logits(logits[j : j + 1], sizes[index], model_align_corners(model))  # own size
                 yield name, torch.softmax(own[0], dim=0)
                 index += 1
 

@@ -25,13 +25,15 @@ from torch.utils.data import Subset
 from rayuda.config import ConfigError, flatten, save_config
 from rayuda.data import open_dataset, with_pseudo_labels
 from rayuda.data.split import SMALL_TEST, split_images
-from rayuda.data.transforms import Transform
+from rayuda.data.transforms import Transform, config_transform
+from rayuda.data.verify import verify_dataset
 from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
-from rayuda.engine.evaluate import SELECTION_METRICS, evaluate
+from rayuda.engine.evaluate import AUTO, SELECTION_METRICS, evaluate, resolve_metric
 from rayuda.engine.loop import Report, Runtime, StageData, train_stage
 from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
-from rayuda.engine.plan import check_plan, stage_identity, stage_key, stage_slice
+from rayuda.engine.plan import check_plan, stage_identity, stage_key, stage_params, stage_slice
+from rayuda.engine.probe import open_probe
 from rayuda.methods import plan_of, resolve_config
 from rayuda.methods.base import Stage
 from rayuda.models import build_segmenter
@@ -59,20 +61,15 @@ class PlanRun:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _train_transform(data_cfg) -> Transform:
-    return Transform(size=data_cfg["size"], crop=data_cfg["crop"], flip=data_cfg["flip"], jitter=data_cfg["jitter"])
+def _train_transform(cfg, what: str | None) -> Transform | None:
+    """The training transform of a stage's data ``what``: the source's, or the target's (``target`` and
+    ``STAGE:SUBSET``, target images): per-domain size and crop (``data.<role>.*``), augmentations, preprocessing."""
+    return None if what is None else config_transform(cfg, "source" if what == "source" else "target", train=True)
 
 
-def _eval_transform(data_cfg) -> Transform:
-    return Transform(size=data_cfg["size"])
-
-
-def _params(cfg, stage: Stage) -> dict[str, Any]:
-    """The knobs a stage reads as ``ctx.params`` (the sub-tree at ``stage.params``)."""
-    node = cfg
-    for part in stage.params.split(".") if stage.params else ():
-        node = node[part]
-    return node if stage.params else {}
+def _eval_transform(cfg) -> Transform:
+    """Target images as G sees them at evaluation (pseudo-label passes too): the target's size, no randomness."""
+    return config_transform(cfg, "target", train=False)
 
 
 def _train_set(run: PlanRun, cfg, what: str | None, transform: Transform):
@@ -97,12 +94,15 @@ def holdout_parts(cfg) -> tuple[Subset, Subset | None]:
     hash of their names (``data.test_fraction``, ``data.split_seed``); with a label-free metric every holdout
     image serves the proxy and every labelled one is test."""
     holdout = open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"],
-                           transform=_eval_transform(cfg["data"]), seed=cfg["seed"])
+                           transform=_eval_transform(cfg), seed=cfg["seed"])
     count = len(holdout) if cfg["data"]["holdout"] is None else min(int(cfg["data"]["holdout"]), len(holdout))
+    if count < 1:
+        raise ConfigError(f"data.holdout={cfg['data']['holdout']} leaves no target holdout image to evaluate on "
+                          f"({len(holdout)} available); set it ≥ 1, or null for all")
     if SELECTION_METRICS[cfg["train"]["metric"]][0] != "miou":
         return Subset(holdout, range(count)), Subset(holdout, range(count)) if holdout.has_labels else None
     if not holdout.has_labels:
-        proxies = ", ".join(m for m, (key, _) in SELECTION_METRICS.items() if key != "miou")
+        proxies = ", ".join([AUTO, *(m for m, (key, _) in SELECTION_METRICS.items() if key != "miou")])
         raise ConfigError(f"target {cfg['target']!r} has no labels, so --metric miou cannot be computed; choose a "
                           f"label-free proxy: --metric {{{proxies}}} (or --set train.metric=...)")
     names = [holdout.files[i][0].name for i in range(count)]
@@ -111,6 +111,15 @@ def holdout_parts(cfg) -> tuple[Subset, Subset | None]:
         raise ConfigError(f"the selection part of the target holdout is empty ({count} labelled images, "
                           f"data.test_fraction={cfg['data']['test_fraction']}): lower data.test_fraction")
     return Subset(holdout, select), Subset(holdout, test) if test else None
+
+
+def resolve_selection_metric(cfg) -> str:
+    """Replace ``train.metric: auto`` in ``cfg`` by what it means for this target (``miou`` when its holdout is
+    labelled, else :data:`rayuda.engine.evaluate.AUTO_UNLABELLED`); return the metric."""
+    if cfg["train"]["metric"] == AUTO:
+        holdout = open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"])
+        cfg["train"]["metric"] = resolve_metric(AUTO, holdout.has_labels)
+    return resolve_metric(cfg["train"]["metric"], True)
 
 
 def describe_holdout(cfg) -> str:
@@ -143,15 +152,14 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
     seed_everything(seed)
     init = {"upstream": run.last_train, "model.init": None}.get(stage.init, stage.init)
     model = _load_model(run, cfg, init)
-    train_tf = _train_transform(cfg["data"])
     frozen = {"teacher": _load_model(run, cfg, stage.teacher)} if stage.teacher else {}
-    data = StageData(source=_train_set(run, cfg, stage.source, train_tf),
-                     target=_train_set(run, cfg, stage.target, train_tf),
+    data = StageData(source=_train_set(run, cfg, stage.source, _train_transform(cfg, stage.source)),
+                     target=_train_set(run, cfg, stage.target, _train_transform(cfg, stage.target)),
                      holdout=holdout_parts(cfg)[0] if stage.reported else None, class_names=run.class_names,
-                     frozen=frozen)
+                     frozen=frozen, probe=open_probe(cfg, _eval_transform(cfg)) if stage.reported else None)
     seed_everything(seed)
-    result = train_stage(label=stage.name, config=cfg, params=_params(cfg, stage), method=stage.step(), model=model,
-                         data=data, work_dir=work_dir, runtime=run.runtime, report=report)
+    result = train_stage(label=stage.name, config=cfg, params=stage_params(cfg, stage), method=stage.step(),
+                         model=model, data=data, work_dir=work_dir, runtime=run.runtime, report=report)
     keep = ("miou", "score", "best_score", "best_iteration")
     return {"iterations": int(cfg["stages"][stage.name]["iters"]), **{k: result[k] for k in keep if k in result}}
 
@@ -159,8 +167,8 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
 def _pseudo_labels(run: PlanRun, stage: Stage, cfg, work_dir: Path) -> dict[str, Any]:
     model = _load_model(run, cfg, run.last_train)
     dataset = open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"],
-                           transform=_eval_transform(cfg["data"]))
-    labeller = stage.labeller(_params(cfg, stage), run.class_names)
+                           transform=_eval_transform(cfg))
+    labeller = stage.labeller(stage_params(cfg, stage), run.class_names)
     return pseudo_label_pass(model, dataset, labeller, work_dir, device=run.runtime.device)
 
 
@@ -188,17 +196,60 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _link_probe(stage_dir: Path, metrics: dict[str, Any], out_dir: Path) -> None:
+    """Link an evaluation's stored probe (``STAGE/probe/eval_<stage iteration>.npz``) into the run folder as
+    ``probe/eval_<global iteration, 6 digits>.npz``, so every trial's predictions sit in its own folder."""
+    src = stage_dir / "probe" / f"eval_{metrics['stage_iteration']}.npz"
+    if src.is_file():
+        (out_dir / "probe").mkdir(exist_ok=True)
+        _link(src, out_dir / "probe" / f"eval_{metrics['iteration']:06d}.npz")
+
+
+#: Keys that change no result: a run folder resumes (or is reused) under new values of these.
+BOOKKEEPING = ("train.log_every", "train.num_masks", "data.num_workers", "train.channels_last",
+               "train.cudnn_benchmark", "train.compile")  # the last three: GPU speed (rayuda.engine.accel)
+
+
+def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> None:
+    """What can fail without training, checked before anything is written or computed: G builds (backbone,
+    ``model.init`` readable as a state dict that fits it), and every image and label of the source, the target
+    and its holdout decodes (:func:`rayuda.data.verify.verify_dataset`, remembered per file)."""
+    try:
+        build_segmenter(cfg["model"], len(class_names))
+    except (ValueError, OSError, RuntimeError) as err:
+        raise ConfigError(f"model: {err}") from None
+    for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target"),
+                              (cfg["target"], "val", "target")):
+        verify_dataset(open_dataset(spec, split, role=role, protocol=cfg["protocol"]), f"{role} {split} {spec}")
+
+
+def move_aside(out_dir: Path) -> Path:
+    """Rename ``out_dir`` to the first free ``OUT.old-N`` (nothing is deleted; its stages stay in the cache)."""
+    n = 1
+    while (aside := out_dir.with_name(f"{out_dir.name}.old-{n}")).exists():
+        n += 1
+    out_dir.rename(aside)
+    return aside
+
+
 def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
-    """The summary of a finished run of ``cfg`` in ``out_dir``; refuse an ``out_dir`` of another config."""
+    """The summary of a finished run of ``cfg`` in ``out_dir``; refuse an ``out_dir`` of another config
+    (one that differs only in :data:`BOOKKEEPING` keys is the same run). Reads, never writes."""
     saved_path = out_dir / "config.yaml"
     if not saved_path.exists():
         return None
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    if saved != cfg:
-        old, new = flatten(saved), flatten(cfg)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
-        raise ConfigError(f"{out_dir} holds a run of another config (differs in {', '.join(differ[:8])}); "
-                          f"choose another --out, or remove {out_dir} to start over")
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{saved_path} is not readable YAML ({' '.join(str(err).split())[:200]})") from None
+    old, new = flatten(saved), flatten(cfg)
+    differ = sorted(k for k in set(old) | set(new)
+                    if old.get(k, "<absent>") != new.get(k, "<absent>") and k not in BOOKKEEPING)
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r})" for k in differ[:6])
+        raise ConfigError(f"{out_dir} holds a run of another config; it differs in {shown}"
+                          + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+                          + ": choose another --out, or pass --force-new to move the old run aside")
     summary = out_dir / "summary.json"
     return json.loads(summary.read_text()) if summary.exists() else None
 
@@ -208,6 +259,7 @@ def run_pipeline(
     out_dir: str | Path,
     report: Report | None = None,
     cache_dir: str | Path | None = None,
+    force_new: bool = False,
 ) -> dict[str, Any]:
     """Run ``config``'s method end to end into ``out_dir`` and return its summary.
 
@@ -215,13 +267,21 @@ def run_pipeline(
     key, cache hit/miss and seconds), and ``best_model.pt`` / ``model.pt`` (links into the stage cache).
     Calling it again on an unfinished ``out_dir`` resumes; on a finished one it returns the summary (or, with
     a ``report`` hook, replays the cached stages' evaluations, so a restored Tune trial still gets its reports).
+    An ``out_dir`` of another config is refused (``force_new``: moved aside); everything checkable is checked
+    before ``out_dir`` is touched.
     """
     start_time = time.time()
     config = copy.deepcopy(config)
     method = config.pop("method")
     cfg = resolve_config(method, flatten(config))
+    resolve_selection_metric(cfg)  # `auto` is saved as the metric it stands for
     out_dir = Path(out_dir)
-    done = _finished(cfg, out_dir)
+    try:
+        done, stale = _finished(cfg, out_dir), False
+    except ConfigError:
+        if not force_new:
+            raise
+        done, stale = None, True  # moved aside below, once every check has passed
     if done is not None and report is None:  # with a report hook (a Tune trial), replay the cached stages
         print(f"[{method}] {out_dir} already holds this finished run; not training again", flush=True)
         return done
@@ -230,13 +290,15 @@ def run_pipeline(
     class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
     open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
     holdout = describe_holdout(cfg)
+    check_inputs(cfg, class_names)
+    if stale:
+        print(f"[{method}] --force-new: moved the run of another config to {move_aside(out_dir)}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     train = cfg["train"]
-    runtime = Runtime(device=pick_device(train["device"]), num_workers=cfg["data"]["num_workers"],
-                      log_every=train["log_every"], checkpoint_every=train["eval_every"])
+    runtime = Runtime.of(cfg, pick_device(train["device"]))  # + the GPU speed settings (rayuda.engine.accel)
     run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names)
     reported = [s for s in plan if s.reported]
     total = sum(int(cfg["stages"][s.name]["iters"]) for s in reported)
@@ -253,14 +315,20 @@ def run_pipeline(
         iters = int(slc["stages"][stage.name]["iters"]) if stage.kind == "train" else 0
 
         def stage_report(metrics, report_dir, stage=stage, offset=offset, iters=iters):
+            """An evaluation on the run's step axis. One ``replayed`` from before a resume counts for the
+            summary but is not reported again (the search saw it), unless it is the last."""
+            replayed = metrics.get("replayed", False)
+            metrics = {k: v for k, v in metrics.items() if k != "replayed"}
             metrics = {**metrics, "iteration": offset + metrics["iteration"], "stage": stage.name,
                        "stage_iteration": metrics["iteration"]}
             if stage is reported[-1] and metrics["stage_iteration"] == iters:
                 metrics["last_report"] = True  # the trial's final report: the search driver needs no guess
             if report_dir is not None and all(metrics["score"] > m["score"] for m in run.evals):
                 _link(report_dir / "model.pt", out_dir / "best_model.pt")  # there even if the search stops us
+            if report_dir is not None:
+                _link_probe(report_dir.parent, metrics, out_dir)
             run.evals.append(metrics)
-            if report is not None:
+            if report is not None and (not replayed or metrics.get("last_report")):
                 report(metrics, report_dir)
 
         if stage.kind == "train" and iters == 0 and not stage.reported:
@@ -284,6 +352,8 @@ def run_pipeline(
             if all(max(m["score"] for m in replay) > m["score"] for m in run.evals):
                 _link(stage_dir / "best_model.pt", out_dir / "best_model.pt")
             for n, metrics in enumerate(replay):
+                _link_probe(stage_dir, {**metrics, "iteration": offset + metrics["iteration"],
+                                        "stage_iteration": metrics["iteration"]}, out_dir)
                 stage_report(metrics, stage_dir / "report" if n == len(replay) - 1 else None)
         recorded = stage_record(stage_dir)
         seconds = round(time.time() - tic, 2)
@@ -342,6 +412,7 @@ def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: fl
         "best_iteration": best["iteration"],
         "target_entropy": last["target_entropy"],
         "flip_agreement": last["flip_agreement"],
+        **{k: v for k, v in last.items() if k.startswith("proxy/")},
         "seed": cfg["seed"],
         "test": test,
         "stages": records,

@@ -12,23 +12,26 @@ import json
 from typing import Any
 
 from rayuda.config import ConfigError
-from rayuda.engine.evaluate import SELECTION_METRICS
+from rayuda.data.transforms import config_transform
+from rayuda.engine.evaluate import AUTO, SELECTION_METRICS
 from rayuda.methods import plan_of
 from rayuda.methods.base import Stage
 
 #: Bump when the engine changes what any stage computes (invalidates every cache entry).
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: transforms via torchvision.transforms.v2 (other random draws), per-domain sizes
 
 #: What every train stage reads: seeds, the transform, G's architecture and init, the optimiser.
-TRAIN_KEYS = ("seed", "protocol", "data.batch_size", "data.size", "data.crop", "data.flip", "data.jitter",
-              "model", "optim.momentum", "optim.weight_decay", "optim.power", "train.amp", "train.deterministic")
+TRAIN_KEYS = ("seed", "protocol", "data.batch_size", "data.size", "data.crop", "data.source", "data.target",
+              "data.flip", "data.jitter", "data.augment",
+              "model", "optim.momentum", "optim.weight_decay", "optim.power", "train.amp", "train.amp_dtype",
+              "train.deterministic")
 #: Read by train stages whose method adds discriminators.
 ADVERSARIAL_KEYS = ("optim.lr_d", "optim.betas")
-#: Read by reported stages only: their evaluations on the labelled target holdout.
+#: Read by reported stages only: their evaluations on the target holdout and the probe (rayuda.engine.probe).
 EVALUATION_KEYS = ("target", "data.holdout", "data.test_fraction", "data.split_seed", "train.metric",
-                   "train.eval_every", "train.num_masks")
+                   "train.eval_every", "train.num_masks", "train.probe_images", "source")
 #: What a pseudo-label pass reads: the target images at the evaluation size, and G's architecture.
-PASS_KEYS = ("protocol", "target", "data.size", "model")
+PASS_KEYS = ("protocol", "target", "data.size", "data.target.size", "model")
 
 
 class StageConfigError(ConfigError):
@@ -108,6 +111,14 @@ def stage_key(stage: Stage, config_slice: ConfigSlice, upstream: str | None) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def stage_params(cfg: dict[str, Any], stage: Stage) -> dict[str, Any]:
+    """The knobs a stage reads as ``ctx.params`` or its labeller's params (the sub-tree at ``stage.params``)."""
+    node = cfg
+    for part in stage.params.split(".") if stage.params else ():
+        node = node[part]
+    return node if stage.params else {}
+
+
 def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
     """Refuse a plan the engine cannot run, before any compute: unknown kinds, missing schedules, references
     to stages that do not come earlier, no reported stage."""
@@ -126,6 +137,10 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"stages.{stage.name}.iters must be an int ≥ 0, got {schedule.get('iters')!r}")
             if not schedule.get("lr", 0) > 0:
                 raise ConfigError(f"stages.{stage.name}.lr must be > 0, got {schedule.get('lr')!r}")
+            decay = schedule.get("decay_iters")
+            if decay is not None and (type(decay) is not int or decay < schedule["iters"]):
+                raise ConfigError(f"stages.{stage.name}.decay_iters must be null or an int ≥ stages.{stage.name}.iters "
+                                  f"({schedule['iters']}), got {decay!r}")
             for role in (stage.source, stage.target):
                 if role and ":" in role:
                     ref, _, _ = role.partition(":")
@@ -141,17 +156,34 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"{where}: a pseudo_labels stage needs a labeller")
             if not any(s.kind == "train" for s in seen.values()):
                 raise ConfigError(f"{where}: a pseudo_labels stage needs an earlier train stage's model")
+            try:  # a labeller checks its knobs when it is made: made once here, before any compute
+                stage.labeller(stage_params(cfg, stage), ["class"] * 2)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConfigError(f"{where}: {stage.params}: {err}") from None
         else:
             raise ConfigError(f"{where}: unknown kind {stage.kind!r} (train or pseudo_labels)")
         seen[stage.name] = stage
     if not any(s.reported for s in plan):
         raise ConfigError(f"{cfg['method']} plan reports no stage to the search")
-    if cfg["train"]["metric"] not in SELECTION_METRICS:
+    if cfg["train"]["metric"] not in (*SELECTION_METRICS, AUTO):
         raise ConfigError(f"train.metric {cfg['train']['metric']!r} is not a selection metric; valid: "
-                          f"{', '.join(SELECTION_METRICS)}")
+                          f"{', '.join([*SELECTION_METRICS, AUTO])}")
+    probes = cfg["train"]["probe_images"]
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
+        raise ConfigError(f"train.probe_images must be an int ≥ 0 (0: store no probe predictions), got {probes!r}")
+    needs_probe = SELECTION_METRICS.get(cfg["train"]["metric"], ("",))[0].startswith("proxy/")
+    if needs_probe and probes == 0:
+        raise ConfigError(f"train.metric {cfg['train']['metric']!r} is computed on the probe images: "
+                          "train.probe_images must be ≥ 1")
     for key in ("eval_every", "log_every"):
         if not isinstance(cfg["train"][key], int) or cfg["train"][key] < 1:
             raise ConfigError(f"train.{key} must be an int ≥ 1, got {cfg['train'][key]!r}")
+    for role in ("source", "target"):  # sizes, crops, data.augment, model.preprocessing: refused before any compute
+        try:
+            config_transform(cfg, role, train=True)
+        except ValueError as err:
+            raise ConfigError(f"the {role} images' transform (data.{role}.*, data.*, model.preprocessing): {err}") \
+                from None
 
 
 def reported_stages(cfg: dict[str, Any]) -> list[Stage]:

@@ -36,6 +36,11 @@ class OutputSpaceAdversarial(Method):
     def domain_maps(self, ctx, output, size) -> dict[str, torch.Tensor]:
         return {lvl: self.discriminator_input(ctx, ctx.probs(output, lvl, size)) for lvl in ctx.levels}
 
+    def detached_maps(self, ctx, output, size) -> dict[str, torch.Tensor]:
+        """:meth:`domain_maps` without a graph (the discriminators' input from G's output)."""
+        with torch.no_grad():
+            return self.domain_maps(ctx, output, size)
+
     def generator_loss(self, ctx, maps_t: dict) -> torch.Tensor:
         """``L_adv``: target maps should look like source maps to every (fixed) discriminator."""
         disc = ctx.discriminators
@@ -51,13 +56,17 @@ class OutputSpaceAdversarial(Method):
         )
 
     def train_step(self, ctx, source, target):
-        out_s = ctx.forward(source["image"])
-        out_t = ctx.forward(target["image"])
-        size = image_size(target)
-        maps_s, maps_t = self.domain_maps(ctx, out_s, size), self.domain_maps(ctx, out_t, size)
-        loss_seg = ctx.seg_loss(out_s, source["label"])
-        loss_adv = self.generator_loss(ctx, maps_t)
-        ctx.step_generator(loss_seg + ctx.params["w_adv"] * loss_adv)
+        size = image_size(target)  # each domain's maps stay at its own size (ADVENT; data.<role>.size)
+        with ctx.generator_update():  # G: L_seg + w_adv·L_adv, every D fixed
+            out_s = ctx.forward(source["image"])
+            loss_seg = ctx.seg_loss(out_s, source["label"])
+            ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
+            maps_s = self.detached_maps(ctx, out_s, image_size(source))  # D's source input, at the source's size
+            del out_s
+            out_t = ctx.forward(target["image"])
+            maps_t = self.domain_maps(ctx, out_t, size)
+            loss_adv = self.generator_loss(ctx, maps_t)
+            ctx.backward(ctx.params["w_adv"] * loss_adv)
         d_loss = self.discriminator_loss(ctx, maps_s, maps_t)
         ctx.step_discriminators(d_loss)
-        return {"seg": loss_seg.item(), "adv": loss_adv.item(), "d": d_loss.item()}
+        return {"seg": loss_seg.detach(), "adv": loss_adv.detach(), "d": d_loss.detach()}

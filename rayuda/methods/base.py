@@ -12,7 +12,9 @@ from typing import Any, ClassVar
 
 from rayuda.methods.context import TrainContext
 
-SOURCE, TARGET = 1.0, 0.0  # discriminator labels (AdvEnt convention: source = 1)
+#: Discriminator labels: source 1, target 0 (AdaptSegNet's and CRAM's convention; ADVENT's code labels source 0 —
+#: BCE is symmetric, so only the consistency between D's and G's losses matters).
+SOURCE, TARGET = 1.0, 0.0
 
 #: The schedule of a method's own stage on the CPU default (``stages.<name>.iters`` / ``.lr``). The lr is 10×
 #: the papers' 2.5e-4: their runs last ~100k iterations from ImageNet weights; here a 400-iteration stage

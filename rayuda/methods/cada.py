@@ -1,4 +1,4 @@
-"""``cada`` — Category-Adaptive Domain Adaptation (Wang et al., ICASSP 2021), METHODS.md §cada.
+"""``cada`` — Category-Adaptive Domain Adaptation (Wang et al., ICASSP 2021), Sec. 3 and eq. 1–6.
 
 Plan: source-only → ``adapt`` → (``thresholds<k>`` → ``round<k>``, reported) for k = 1 … ``params.rounds``.
 
@@ -86,22 +86,28 @@ class CADAAdapt(OutputSpaceAdversarial):
     def train_step(self, ctx, source, target):
         p = ctx.params
         weights = style_weights(p)
-        out_s = ctx.forward(source["image"])
-        out_t = ctx.forward(target["image"])
-        loss_seg = ctx.seg_loss(out_s, source["label"])
-        loss_g, losses, loss_d = loss_seg, {"seg": loss_seg.item()}, 0.0
-
-        if p["output_adv"]:  # L_adv_seg: target softmax maps should look like source ones
-            size = image_size(target)
-            maps_s, maps_t = self.domain_maps(ctx, out_s, size), self.domain_maps(ctx, out_t, size)
-            loss_adv = self.generator_loss(ctx, maps_t)
-            loss_g = loss_g + p["w_adv_seg"] * loss_adv
-            losses["adv"] = loss_adv.item()
-        if weights:  # Σ_l w_l L_style^l: target style vectors should look like source ones
-            loss_style = style_adversarial_loss(self.style_logits(ctx, out_t, weights), weights, SOURCE)
-            loss_g = loss_g + p["w_style"] * loss_style
-            losses["style"] = loss_style.item()
-        ctx.step_generator(loss_g)
+        size = image_size(target)
+        losses, loss_d = {}, 0.0
+        with ctx.generator_update():
+            out_s = ctx.forward(source["image"])
+            loss_seg = ctx.seg_loss(out_s, source["label"])
+            ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
+            losses["seg"] = loss_seg.detach()
+            maps_s = self.detached_maps(ctx, out_s, size) if p["output_adv"] else None
+            out_t = ctx.forward(target["image"])
+            loss_g = None
+            if p["output_adv"]:  # L_adv_seg: target softmax maps should look like source ones
+                maps_t = self.domain_maps(ctx, out_t, size)
+                loss_adv = self.generator_loss(ctx, maps_t)
+                loss_g = p["w_adv_seg"] * loss_adv
+                losses["adv"] = loss_adv.detach()
+            if weights:  # Σ_l w_l L_style^l: target style vectors should look like source ones
+                loss_style = style_adversarial_loss(self.style_logits(ctx, out_t, weights), weights, SOURCE)
+                term = p["w_style"] * loss_style
+                loss_g = term if loss_g is None else loss_g + term
+                losses["style"] = loss_style.detach()
+            if loss_g is not None:
+                ctx.backward(loss_g)
 
         if p["output_adv"]:
             loss_d = loss_d + self.discriminator_loss(ctx, maps_s, maps_t)
@@ -109,11 +115,11 @@ class CADAAdapt(OutputSpaceAdversarial):
             ones = dict.fromkeys(weights, 1.0)
             d_style = 0.5 * style_adversarial_loss(self.style_logits(ctx, out_s, weights, detach=True), ones, SOURCE) \
                 + 0.5 * style_adversarial_loss(self.style_logits(ctx, out_t, weights, detach=True), ones, TARGET)
-            losses["d_style"] = d_style.item()
+            losses["d_style"] = d_style.detach()
             loss_d = loss_d + d_style
         if p["output_adv"] or weights:
             ctx.step_discriminators(loss_d)
-            losses["d"] = loss_d.item()
+            losses["d"] = loss_d.detach()
         return losses
 
 
@@ -129,16 +135,18 @@ class CADASelfTraining(Method):
 
     def train_step(self, ctx, source, target):
         p = ctx.params
-        out_t = ctx.forward(target["image"])
-        loss_ssl = sum(SEG_LEVEL_WEIGHT[lvl] * self_training_cross_entropy(out_t.logits[lvl].float(), target["label"],
-                                                                          p["normalise"]) for lvl in ctx.levels)
-        loss = p["w_ssl"] * loss_ssl
-        losses = {"ssl": loss_ssl.item(), "kept": (target["label"] != 255).float().mean().item()}
-        if p["w_source"] > 0:
-            loss_seg = ctx.seg_loss(ctx.forward(source["image"]), source["label"])
-            loss = loss + p["w_source"] * loss_seg
-            losses["seg"] = loss_seg.item()
-        ctx.step_generator(loss)
+        with ctx.generator_update():
+            out_t = ctx.forward(target["image"])
+            size = target["label"].shape[-2:]  # logits upsampled by ctx.logits (model.align_corners)
+            loss_ssl = sum(SEG_LEVEL_WEIGHT[lvl] * self_training_cross_entropy(
+                ctx.logits(out_t, lvl, size), target["label"], p["normalise"]) for lvl in ctx.levels)
+            ctx.backward(p["w_ssl"] * loss_ssl)  # the target graph is freed before the source forward
+            del out_t
+            losses = {"ssl": loss_ssl.detach(), "kept": (target["label"] != 255).float().mean()}
+            if p["w_source"] > 0:
+                loss_seg = ctx.seg_loss(ctx.forward(source["image"]), source["label"])
+                ctx.backward(p["w_source"] * loss_seg)
+                losses["seg"] = loss_seg.detach()
         return losses
 
 

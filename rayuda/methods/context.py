@@ -7,7 +7,8 @@ builds one context per training stage and hands it to :meth:`Method.setup` and e
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,14 @@ class TrainContext:
     opt_d: torch.optim.Optimizer | None = None
     iteration: int = 0
     scaler: torch.amp.GradScaler | None = None
+    #: autocast dtype of G's forward (``torch.bfloat16`` / ``torch.float16``; ``None``: float32). Losses,
+    #: probabilities and every ``log`` stay float32: :meth:`logits` and the losses cast up.
+    amp_dtype: torch.dtype | None = None
+    #: ``torch.compile(model)`` when ``train.compile`` is on: :meth:`forward` runs it; ``model`` (the same
+    #: weights) is what is saved, evaluated and put in the optimiser.
+    compiled: nn.Module | None = None
+    #: ``torch.channels_last`` when ``train.channels_last`` is on (CUDA): images enter G in that layout.
+    memory_format: torch.memory_format | None = None
 
     @property
     def levels(self) -> list[str]:
@@ -66,34 +75,82 @@ class TrainContext:
         return module
 
     def autocast(self):
-        if self.scaler is not None:
-            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        if self.amp_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return nullcontext()
 
     def forward(self, images: torch.Tensor):
         """One forward pass of G: logits of every level and the intermediate features."""
+        if self.memory_format is not None:
+            images = images.contiguous(memory_format=self.memory_format)
         with self.autocast():
-            return self.model(images)
+            return (self.model if self.compiled is None else self.compiled)(images)
 
     def logits(self, output, level: str, size: tuple[int, int]) -> torch.Tensor:
-        """Logits of ``level`` upsampled bilinearly to ``size`` (the input / label size)."""
-        return upsample_logits(output.logits[level], size)
+        """Logits of ``level`` upsampled bilinearly to ``size`` (the input / label size), in float32.
+
+        Memoised on ``output``: the segmentation loss and the domain maps of one forward pass share one
+        upsampling per level and size.
+        """
+        memo = output.__dict__.setdefault("_upsampled", {})
+        key = (level, tuple(size))
+        if key not in memo:
+            logits = output.logits[level]
+            align = self.config["model"].get("align_corners", False)  # model.align_corners
+            memo[key] = logits.float() if tuple(logits.shape[-2:]) == key[1] else upsample_logits(logits, size, align)
+        return memo[key]
 
     def probs(self, output, level: str, size: tuple[int, int]) -> torch.Tensor:
         return torch.softmax(self.logits(output, level, size), dim=1)
 
     def seg_loss(self, output, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on labelled images, summed over levels with the multi-level weights."""
-        return sum(SEG_LEVEL_WEIGHT[lvl] * seg_cross_entropy(output.logits[lvl].float(), labels) for lvl in self.levels)
+        size = tuple(labels.shape[-2:])
+        return sum(SEG_LEVEL_WEIGHT[lvl] * seg_cross_entropy(self.logits(output, lvl, size), labels)
+                   for lvl in self.levels)
 
-    def step_generator(self, loss: torch.Tensor) -> None:
-        """Update G on ``loss`` with every discriminator held fixed."""
+    @contextmanager
+    def generator_update(self) -> Iterator[None]:
+        """One update of G whose loss is backpropagated in parts (:meth:`backward`), every discriminator
+        held fixed: G's gradients are zeroed on entry and G steps on exit.
+
+        Backpropagating the source loss before the target forward pass frees the source graph early (the
+        ADVENT reference's order): the peak memory is one domain's graph, not both; the gradients are
+        those of the summed loss.
+        """
         for disc in self.discriminators.values():
             set_requires_grad(disc, False)
         self.opt_g.zero_grad(set_to_none=True)
-        self._backward_step(loss, self.opt_g)
+        self._updating_g = True  # a float16 loss scale must not change between G's partial backward passes
+        try:
+            yield
+            self._updating_g = False
+            self._step(self.opt_g)
+        finally:
+            self._updating_g = False
+            for disc in self.discriminators.values():
+                set_requires_grad(disc, True)
+
+    @contextmanager
+    def trainable_discriminators(self) -> Iterator[None]:
+        """Inside :meth:`generator_update`: let the discriminators learn (a D step between G's partial
+        backward passes, e.g. CRAM's Algorithm 1), fixed again on exit."""
         for disc in self.discriminators.values():
             set_requires_grad(disc, True)
+        try:
+            yield
+        finally:
+            for disc in self.discriminators.values():
+                set_requires_grad(disc, False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``loss``'s gradients (scaled under float16 mixed precision); frees its graph."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step_generator(self, loss: torch.Tensor) -> None:
+        """Update G on ``loss`` with every discriminator held fixed."""
+        with self.generator_update():
+            self.backward(loss)
 
     def step_discriminators(self, loss: torch.Tensor) -> None:
         """Update the discriminators on ``loss`` (its inputs must be detached from G)."""
@@ -102,10 +159,13 @@ class TrainContext:
         self._backward_step(loss, self.opt_d)
 
     def _backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.backward(loss)
+        self._step(optimizer)
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
-            loss.backward()
             optimizer.step()
         else:
-            self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
-            self.scaler.update()
+            if not getattr(self, "_updating_g", False):  # a D step inside G's update: G's step updates the scale
+                self.scaler.update()

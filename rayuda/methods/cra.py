@@ -83,7 +83,7 @@ class CRA(Method):
         loss_seg = ctx.seg_loss(out, label)  # eq. 5: CE on trusted pixels only
         if not p["adversarial"]:
             ctx.step_generator(loss_seg)
-            return {"seg": loss_seg.item()}
+            return {"seg": loss_seg.detach()}
 
         disc = ctx.discriminators["region"]
         trusted = label != 255
@@ -94,5 +94,5 @@ class CRA(Method):
         ctx.step_generator(loss_seg + p["w_adv"] * loss_adv)
         loss_d = cra_d_loss(disc(feat.detach()), encoding)  # eq. 8
         ctx.step_discriminators(loss_d)
-        return {"seg": loss_seg.item(), "adv": loss_adv.item(), "d": loss_d.item(),
-                "trusted": trusted.float().mean().item()}
+        return {"seg": loss_seg.detach(), "adv": loss_adv.detach(), "d": loss_d.detach(),
+                "trusted": trusted.float().mean()}

@@ -4,13 +4,15 @@ One stage, end to end, two modules on one forward pass of G per domain:
 
 * **CEA** (eq. 4–9): the confidence-aware entropy map of each output level is aligned adversarially
   across domains with an output-space discriminator per level (multi-level on ResNet-101).
-  (choice, METHODS.md) The discriminator sees the per-class terms ``−Q_c log P_c / log C`` (C channels,
-  mirroring AdvEnt; ``ce_channels: summed`` feeds the 1-channel map instead).
+  (choice: the paper does not say how many channels D sees) The discriminator sees the per-class terms
+  ``−Q_c log P_c / log C`` (C channels, mirroring AdvEnt; ``ce_channels: summed`` feeds the 1-channel map).
 * **SFA** (eq. 10–12): Gram-matrix style features of two intermediate layers (``style_layers``,
   layer2+layer3 by default) are pulled together, weighted ``w`` and ``1 − w``.
 
 Total loss (eq. 13): ``L = L_seg + w_adv·L_adv + λ·L_sty``. Update order of Algorithm 1: first the
 discriminators with G fixed (eq. 7), then G with L_seg, L_adv (D fixed, eq. 8) and L_sty (eq. 12).
+Sec. III-C's text describes the other order (G, then D, as AdvEnt does); ``order: g_first`` selects it,
+so that ``entropy: shannon, sfa: false, order: g_first`` is the same computation as ``advent``.
 
 Ablation switches: ``cea`` / ``sfa`` turn a module off; ``entropy: shannon`` replaces the
 confidence-aware entropy with AdvEnt's weighted self-information (plain entropy).
@@ -18,9 +20,12 @@ confidence-aware entropy with AdvEnt's weighted self-information (plain entropy)
 
 from __future__ import annotations
 
+from rayuda.config import ConfigError
 from rayuda.losses import confidence_aware_entropy, layered_style_loss, weighted_self_information
 from rayuda.methods.adversarial import OutputSpaceAdversarial
 from rayuda.methods.base import image_size
+
+ORDERS = ("d_first", "g_first")  # params.order
 
 
 def style_layer_weights(layers: str, w: float) -> dict[str, float]:
@@ -40,12 +45,18 @@ class CRAM(OutputSpaceAdversarial):
         "entropy": "confidence_aware",  # or "shannon" (ablation)
         "cea": True,
         "sfa": True,
+        # update order: "d_first" = Algorithm 1 (D, then G through the updated D); "g_first" = the order of
+        # Sec. III-C's text and of AdvEnt (G through the current D, then D), so that cram with
+        # entropy: shannon, sfa: false is exactly advent (the ablation without the confound)
+        "order": "d_first",
     }
 
     def map_channels(self, ctx):
         return 1 if ctx.params["ce_channels"] == "summed" else ctx.num_classes
 
     def setup(self, ctx):
+        if ctx.params["order"] not in ORDERS:
+            raise ConfigError(f"cram: params.order must be one of {', '.join(ORDERS)}, got {ctx.params['order']!r}")
         if ctx.params["cea"]:
             super().setup(ctx)
 
@@ -58,28 +69,41 @@ class CRAM(OutputSpaceAdversarial):
 
     def train_step(self, ctx, source, target):
         p = ctx.params
-        out_s = ctx.forward(source["image"])
-        out_t = ctx.forward(target["image"])
-        losses = {}
-        loss_g = ctx.seg_loss(out_s, source["label"])
-        losses["seg"] = loss_g.item()
-
-        if p["cea"]:
-            size = image_size(target)
-            maps_s, maps_t = self.domain_maps(ctx, out_s, size), self.domain_maps(ctx, out_t, size)
-            d_loss = self.discriminator_loss(ctx, maps_s, maps_t)  # Algorithm 1, step 5: D first, G fixed
-            ctx.step_discriminators(d_loss)
-            loss_adv = self.generator_loss(ctx, maps_t)  # eq. 8, through the updated (now fixed) D
-            loss_g = loss_g + p["w_adv"] * loss_adv
-            losses.update(adv=loss_adv.item(), d=d_loss.item())
-
-        if p["sfa"]:
-            weights = style_layer_weights(p["style_layers"], p["style_weight"])
+        size = image_size(target)
+        weights = style_layer_weights(p["style_layers"], p["style_weight"]) if p["sfa"] else {}
+        with ctx.generator_update():  # Algorithm 1, steps 6–8: G on L_seg + w_adv·L_adv + λ·L_sty, D fixed
+            out_s = ctx.forward(source["image"])
+            loss_seg = ctx.seg_loss(out_s, source["label"])
+            losses = {"seg": loss_seg.detach()}
+            pending = loss_seg
+            if not weights:  # without L_sty (which couples both domains' features) the source graph is freed
+                ctx.backward(loss_seg)  # before the target forward (ADVENT's order)
+                pending = None
             feats_s = {k: out_s.features[k].float() for k in weights}
-            feats_t = {k: out_t.features[k].float() for k in weights}
-            loss_sty = layered_style_loss(feats_s, feats_t, weights)
-            loss_g = loss_g + p["lambda_style"] * loss_sty
-            losses["style"] = loss_sty.item()
+            maps_s = self.detached_maps(ctx, out_s, image_size(source)) if p["cea"] else None  # its own size
+            del out_s
+            out_t = ctx.forward(target["image"])
 
-        ctx.step_generator(loss_g)  # Algorithm 1, steps 6–8
+            if p["cea"]:
+                maps_t = self.domain_maps(ctx, out_t, size)
+                if p["order"] == "d_first":
+                    with ctx.trainable_discriminators():  # Algorithm 1, step 5: D first, on G's detached maps
+                        d_loss = self.discriminator_loss(ctx, maps_s, maps_t)
+                        ctx.step_discriminators(d_loss)
+                loss_adv = self.generator_loss(ctx, maps_t)  # eq. 8, through the (updated when d_first) fixed D
+                pending = p["w_adv"] * loss_adv if pending is None else pending + p["w_adv"] * loss_adv
+                losses["adv"] = loss_adv.detach()
+
+            if weights:  # eq. 12
+                feats_t = {k: out_t.features[k].float() for k in weights}
+                loss_sty = layered_style_loss(feats_s, feats_t, weights)
+                pending = pending + p["lambda_style"] * loss_sty
+                losses["style"] = loss_sty.detach()
+            if pending is not None:
+                ctx.backward(pending)
+        if p["cea"]:
+            if p["order"] == "g_first":  # Sec. III-C's text (and AdvEnt): D after G, on the same detached maps
+                d_loss = self.discriminator_loss(ctx, maps_s, maps_t)
+                ctx.step_discriminators(d_loss)
+            losses["d"] = d_loss.detach()
         return losses

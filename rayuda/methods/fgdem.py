@@ -8,6 +8,12 @@ having target features labelled ``[a_T; 0]`` (eq. 3). Target entropy minimisatio
 adversarial term, ``L_adv' = L_adv + λ_ent·L_ent`` (eq. 7), and G minimises ``L_seg + λ_adv·L_adv'``
 (eq. 8). The paper starts from a source-only model (20k iterations): the cached warm-start stage.
 ``lambda_ent = 0`` is the "without entropy" ablation.
+
+Multi-level G (``model.multi_level``; the paper "also adapts the multilevel outputs from the conv4 and conv5
+features", Sec. 4.2, after AdaptSegNet): one fine-grained discriminator per level — ``fine`` on the deepest
+features with the main logits' encodings, ``fine_aux`` on the features below with the aux logits' — and G's
+adversarial term is ``Σ_l w_l (L_adv^l + λ_ent·L_ent^l)`` with AdaptSegNet's level weights ``w`` (main 1,
+aux 0.2 = 2e-4 / 1e-3; (choice) the paper gives no aux weight and does not say whether entropy is per level).
 """
 
 from __future__ import annotations
@@ -21,12 +27,23 @@ from rayuda.losses import (
     fine_grained_d_loss,
 )
 from rayuda.methods.base import Method, image_size
+from rayuda.methods.context import ADV_LEVEL_WEIGHT
 from rayuda.models import FineGrainedDiscriminator
 
 
 def deepest_features(output) -> torch.Tensor:
     """The backbone's last feature map (layer4, or layer3 on a 3-layer backbone)."""
     return output.features[max(output.features)].float()
+
+
+#: The discriminator of each output level, and which feature map (from the deepest) it sees.
+LEVEL_DISCRIMINATOR = {"main": "fine", "aux": "fine_aux"}
+LEVEL_DEPTH = {"main": -1, "aux": -2}
+
+
+def level_features(output, level: str) -> torch.Tensor:
+    """The features a level's classifier reads: the deepest map (main), the one below it (aux)."""
+    return output.features[sorted(output.features)[LEVEL_DEPTH[level]]].float()
 
 
 class FGDEM(Method):
@@ -38,29 +55,42 @@ class FGDEM(Method):
         "clamp": 0.9,
     }
     has_discriminators = True
+    version = 2  # 2: multi-level G adapts both levels (issue 14)
 
     def setup(self, ctx):
-        channels = ctx.feature_channels[max(ctx.feature_channels)]  # the deepest layer's
-        ctx.discriminators["fine"] = FineGrainedDiscriminator(channels, ctx.num_classes)
+        layers = sorted(ctx.feature_channels)
+        for lvl in ctx.levels:
+            channels = ctx.feature_channels[layers[LEVEL_DEPTH[lvl]]]
+            ctx.discriminators[LEVEL_DISCRIMINATOR[lvl]] = FineGrainedDiscriminator(channels, ctx.num_classes)
 
     def train_step(self, ctx, source, target):
         p = ctx.params
-        disc = ctx.discriminators["fine"]
-        out_s = ctx.forward(source["image"])
-        out_t = ctx.forward(target["image"])
-        feat_s, feat_t = deepest_features(out_s), deepest_features(out_t)
-        z_s, z_t = out_s.logits["main"].float(), out_t.logits["main"].float()
-
-        # G: segmentation + λ_adv (fool D on target + λ_ent · target entropy)   (eq. 7–8)
-        loss_seg = ctx.seg_loss(out_s, source["label"])
-        target_as_source = domain_encoding(z_t, p["temperature"], p["clamp"], domain="source")
-        loss_adv = fine_grained_adv_loss(disc(feat_t), target_as_source)
-        loss_ent = entropy_loss(ctx.probs(out_t, "main", image_size(target)))
-        ctx.step_generator(loss_seg + p["lambda_adv"] * (loss_adv + p["lambda_ent"] * loss_ent))
+        disc = {lvl: ctx.discriminators[LEVEL_DISCRIMINATOR[lvl]] for lvl in ctx.levels}
+        # G: segmentation + λ_adv (fool D on target + λ_ent · target entropy)   (eq. 7–8), per level
+        with ctx.generator_update():
+            out_s = ctx.forward(source["image"])
+            loss_seg = ctx.seg_loss(out_s, source["label"])
+            ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
+            feat_s = {lvl: level_features(out_s, lvl).detach() for lvl in ctx.levels}
+            z_s = {lvl: out_s.logits[lvl].detach().float() for lvl in ctx.levels}
+            del out_s
+            out_t = ctx.forward(target["image"])
+            feat_t = {lvl: level_features(out_t, lvl) for lvl in ctx.levels}
+            z_t = {lvl: out_t.logits[lvl].float() for lvl in ctx.levels}
+            loss_adv = loss_ent = 0.0
+            for lvl in ctx.levels:
+                target_as_source = domain_encoding(z_t[lvl], p["temperature"], p["clamp"], domain="source")
+                loss_adv = loss_adv + ADV_LEVEL_WEIGHT[lvl] * fine_grained_adv_loss(disc[lvl](feat_t[lvl]),
+                                                                                    target_as_source)
+                loss_ent = loss_ent + ADV_LEVEL_WEIGHT[lvl] * entropy_loss(ctx.probs(out_t, lvl, image_size(target)))
+            ctx.backward(p["lambda_adv"] * (loss_adv + p["lambda_ent"] * loss_ent))
 
         # D: source features → [a_S; 0], target features → [0; a_T]
-        enc_s = domain_encoding(z_s, p["temperature"], p["clamp"], domain="source")
-        enc_t = domain_encoding(z_t, p["temperature"], p["clamp"], domain="target")
-        loss_d = fine_grained_d_loss(disc(feat_s.detach()), disc(feat_t.detach()), enc_s, enc_t)
+        loss_d = 0.0
+        for lvl in ctx.levels:
+            enc_s = domain_encoding(z_s[lvl], p["temperature"], p["clamp"], domain="source")
+            enc_t = domain_encoding(z_t[lvl], p["temperature"], p["clamp"], domain="target")
+            loss_d = loss_d + fine_grained_d_loss(disc[lvl](feat_s[lvl]), disc[lvl](feat_t[lvl].detach()), enc_s,
+                                                  enc_t)
         ctx.step_discriminators(loss_d)
-        return {"seg": loss_seg.item(), "adv": loss_adv.item(), "ent": loss_ent.item(), "d": loss_d.item()}
+        return {"seg": loss_seg.detach(), "adv": loss_adv.detach(), "ent": loss_ent.detach(), "d": loss_d.detach()}

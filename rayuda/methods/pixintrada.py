@@ -100,11 +100,11 @@ class PixIntraDA(Method):
         hard = (label == IGNORE).float().unsqueeze(1)  # M, N×1×H×W
         probs = {lvl: ctx.probs(out, lvl, size).float() for lvl in ctx.levels}
         loss_seg = ctx.seg_loss(out, label)  # eq. 5: partial CE on easy pixels
-        loss_g, losses = loss_seg, {"seg": loss_seg.item(), "easy": 1 - hard.mean().item()}
+        loss_g, losses = loss_seg, {"seg": loss_seg.detach(), "easy": 1 - hard.mean()}
         if kld:
             loss_kld = kl_to_uniform(probs["main"], hard[:, 0] == 0)  # on pseudo-labelled (easy) pixels
             loss_g = loss_g + kld * loss_kld
-            losses["kld"] = loss_kld.item()
+            losses["kld"] = loss_kld.detach()
         if form == "none":
             ctx.step_generator(loss_g)
             return losses
@@ -121,4 +121,4 @@ class PixIntraDA(Method):
         ctx.step_generator(loss_g + p["beta"] * loss_adv)  # eq. 9
         loss_d = sum(d_loss(disc[lvl](probs[lvl].detach())) for lvl in ctx.levels)
         ctx.step_discriminators(loss_d)
-        return {**losses, "adv": loss_adv.item(), "d": loss_d.item()}
+        return {**losses, "adv": loss_adv.detach(), "d": loss_d.detach()}

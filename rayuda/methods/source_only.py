@@ -23,4 +23,4 @@ class SourceOnly(Method):
         output = ctx.forward(source["image"])
         loss_seg = ctx.seg_loss(output, source["label"])
         ctx.step_generator(loss_seg)
-        return {"seg": loss_seg.item()}
+        return {"seg": loss_seg.detach()}

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "multi_level": False,
     "freeze_bn": False,
     "init": "random",
+    "preprocessing": "imagenet",  # what G's input is (rayuda.data.transforms.normalise); the datasets apply it
+    "align_corners": False,  # bilinear logits upsampling convention (rayuda.models.predict.upsample_logits)
 }
 
 
@@ -197,6 +199,7 @@ class DeepLabV2(nn.Module):
         )
         self.freeze_bn = False
         self.set_freeze_bn(freeze_bn)
+        self.preprocessing, self.align_corners = "imagenet", False  # build_segmenter sets the model.* keys
 
     @property
     def feature_channels(self) -> dict[str, int]:
@@ -248,6 +251,8 @@ def build_segmenter(cfg: dict[str, Any], num_classes: int) -> DeepLabV2:
     _check_choice("layers", cfg["layers"], LAYERS)
     _check_choice("multi_level", cfg["multi_level"], (False, True))
     _check_choice("freeze_bn", cfg["freeze_bn"], (False, True))
+    _check_choice("preprocessing", cfg["preprocessing"], ("imagenet", "caffe"))
+    _check_choice("align_corners", cfg["align_corners"], (False, True))
     if cfg["multi_level"] and cfg["backbone"] not in RESNETS:
         raise ValueError(
             f"model.multi_level: {cfg['backbone']} is single-level; "
@@ -262,7 +267,8 @@ def build_segmenter(cfg: dict[str, Any], num_classes: int) -> DeepLabV2:
         multi_level=cfg["multi_level"],
         freeze_bn=cfg["freeze_bn"],
     )
-    apply_init(model, cfg["init"])  # loading copies into the (frozen) tensors in place
+    apply_init(model, cfg["init"], preprocessing=cfg["preprocessing"])  # copies into the frozen tensors in place
+    model.preprocessing, model.align_corners = cfg["preprocessing"], cfg["align_corners"]
     return model
 
 

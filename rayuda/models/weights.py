@@ -18,6 +18,7 @@ the layer2 stride lands on a different conv than in the original network.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -51,8 +52,27 @@ def _backbone_name(model: nn.Module) -> str:
     return name
 
 
-def apply_init(model: nn.Module, init: Any) -> None:
-    """``"random"``: keep PyTorch's init; ``"imagenet"``: :func:`load_imagenet_weights`; else a path."""
+def caffe_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the file holds the DeepLab ``Scale.``-prefixed (Caffe-converted) checkpoint; memory-mapped, so
+    only the key index is read. ``False`` when the file cannot be mapped (the full load reports its errors)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format tensor file: read_state_dict says why
+        return False
+    for key in NESTED:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return isinstance(state, dict) and any(str(k).startswith("Scale.") for k in state)
+
+
+def apply_init(model: nn.Module, init: Any, preprocessing: str = "imagenet") -> None:
+    """``"random"``: keep PyTorch's init; ``"imagenet"``: :func:`load_imagenet_weights`; else a path.
+
+    A Caffe-converted ``Scale.`` checkpoint expects Caffe input (BGR, 0–255, mean subtracted, no std): loading
+    it with ``preprocessing="imagenet"`` warns, naming ``model.preprocessing`` (its first conv would see inputs
+    ~58× smaller with red and blue swapped).
+    """
     if init == "random":
         return
     if init == "imagenet":
@@ -66,6 +86,10 @@ def apply_init(model: nn.Module, init: Any) -> None:
         raise FileNotFoundError(
             f"model.init: {str(init)!r} is neither 'random' nor 'imagenet' nor an existing weights file"
         )
+    if preprocessing != "caffe" and caffe_checkpoint(init):
+        warnings.warn(f"model.init {str(init)!r} is the Caffe-converted DeepLab checkpoint ('Scale.' keys), which "
+                      f"expects BGR 0–255 mean-subtracted input; model.preprocessing is {preprocessing!r}: set "
+                      f"model.preprocessing=caffe to use these weights as trained", stacklevel=2)
     load_backbone_weights(model, init)
 
 
@@ -111,6 +135,16 @@ def _strip(key: str) -> str:
     return key
 
 
+def load_failure(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line (torch's own message spans a page)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # more than tensors, or not a pickle: refused
+        boilerplate = ("Please file", "Check the doc", "WeightsUnpickler error:")
+        detail = next((ln for ln in lines[1:] if not ln.startswith(boilerplate)), "")
+        return f"not a plain tensor file, refused by weights_only loading: {detail}"[:300]
+    return f"{type(err).__name__}: {lines[0] if lines else 'the file is empty or truncated'}"[:300]
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (``weights_only=True``), un-nested and with :data:`PREFIXES` stripped."""
     path = Path(path)
@@ -119,9 +153,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(
-            f"weights file {path}: cannot be read as a state dict ({type(err).__name__}: {err})"
-        ) from err
+        raise ValueError(f"weights file {path}: cannot be read as a state dict ({load_failure(err)})") from err
     for key in NESTED:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

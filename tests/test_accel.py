@@ -1,0 +1,115 @@
+"""GPU speed settings (rayuda.engine.accel): what each resolves to per device, and the losses under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayuda import losses as L
+from rayuda.config import ConfigError
+from rayuda.engine import accel
+from rayuda.engine.loop import Runtime, StageData, build_context
+from rayuda.methods import default_config, get_method
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _train(**over):
+    train = dict(default_config("advent")["train"])
+    train.update(over)
+    return train
+
+
+def test_defaults_are_on_with_cuda_and_off_on_cpu():
+    train = _train()
+    assert accel.amp_dtype(train, CPU) is None
+    assert accel.channels_last(train, CPU) is False and accel.channels_last(train, CUDA) is True
+    assert accel.cudnn_benchmark(train, CPU, None) is False and accel.cudnn_benchmark(train, CUDA, None) is True
+    assert accel.compile_flag(train) is False
+    assert accel.num_workers(None, CPU) == 0 and 0 <= accel.num_workers(None, CUDA) <= 4
+    runtime = Runtime.of(default_config("advent"), CPU)
+    assert (runtime.num_workers, runtime.channels_last, runtime.cudnn_benchmark, runtime.compile) == (0, False, False,
+                                                                                                     False)
+
+
+def test_cudnn_autotuning_is_off_when_trials_share_a_gpu_or_runs_are_deterministic():
+    assert accel.cudnn_benchmark(_train(), CUDA, 0.5) is False  # --gpus-per-trial 0.5: two trials on one card
+    assert accel.cudnn_benchmark(_train(), CUDA, 1.0) is True
+    assert accel.cudnn_benchmark(_train(cudnn_benchmark=True), CUDA, 0.5) is True  # asked for explicitly
+    assert accel.cudnn_benchmark(_train(deterministic=True, cudnn_benchmark=True), CUDA, None) is False
+    assert accel.gpu_share() is None  # outside a Ray task
+
+
+def test_bad_values_are_refused_with_the_key():
+    with pytest.raises(ConfigError, match="amp_dtype"):
+        accel.amp_dtype(_train(amp_dtype="fp8"), CPU)
+    with pytest.raises(ConfigError, match="channels_last"):
+        accel.channels_last(_train(channels_last="yes"), CPU)
+    with pytest.raises(ConfigError, match="num_workers"):
+        accel.num_workers(-1, CPU)
+
+
+def test_channels_last_context_trains_on_cpu():
+    cfg = default_config("advent")
+    from rayuda.models import build_segmenter
+
+    torch.manual_seed(0)
+    model = build_segmenter(cfg["model"], 3)
+    data = StageData(source=None, target=None, holdout=None, class_names=["a", "b", "c"])
+    runtime = Runtime(device=CPU, channels_last=True)
+    ctx = build_context(cfg, cfg["params"], get_method("advent")(), model, data, 0.01, CPU, runtime)
+    assert ctx.memory_format == torch.channels_last and ctx.amp_dtype is None and ctx.scaler is None
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = {"image": torch.randn(1, 3, 64, 96), "label": torch.randint(0, 3, (1, 64, 96))}
+    losses = get_method("advent")().train_step(ctx, batch, {**batch, "image": batch["image"] + 1})
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# --- the losses under bf16 autocast: finite and close to float32 ------------------------------------------
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(8, 4, 1)
+    x = torch.randn(2, 8, 6, 10, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = conv(x) * 3  # what G gives under autocast
+    assert logits.dtype == torch.bfloat16
+    label = torch.randint(0, 4, (2, 12, 20), generator=g)
+    label[:, :3] = 255
+    feats = (torch.randn(2, 16, 6, 10, generator=g), torch.randn(2, 16, 6, 10, generator=g) * 1.1 + 0.05)
+    d = torch.randn(2, 1, 6, 10, generator=g)
+    d2k = torch.randn(2, 8, 3, 5, generator=g)
+    hard = (torch.rand(2, 1, 6, 10, generator=g) > 0.5).float()
+    return logits.detach(), label, feats, d, d2k, hard
+
+
+def _losses(logits, label, feats, d, d2k, hard):
+    prob = torch.softmax(logits.float(), 1)  # TrainContext.probs: float32 probabilities
+    enc = L.domain_encoding(logits, 1.8, 0.9, "source")
+    return {
+        "seg_cross_entropy": L.seg_cross_entropy(logits, label),
+        "self_training_cross_entropy": L.self_training_cross_entropy(logits, label),
+        "entropy_loss": L.entropy_loss(prob),
+        "weighted_self_information": L.weighted_self_information(prob).mean(),
+        "confidence_aware_entropy": L.confidence_aware_entropy(prob).mean(),
+        "style_loss": L.style_loss(*feats),
+        "bce_adversarial": L.bce_adversarial(d, 1.0),
+        "fine_grained": L.fine_grained_d_loss(d2k, d2k.flip(0), enc, L.domain_encoding(logits, 1.8, 0.9, "target")),
+        "fine_grained_adv": L.fine_grained_adv_loss(d2k, enc),
+        "cra": L.cra_adv_loss(d2k, L.region_encoding(logits, label[:, ::2, ::2] != 255, 1.8)),
+        "pla": L.pla_d_loss(d, hard) + L.pla_g_loss(d, hard),
+        "cts": L.cts_d_loss(d, L.continuous_index(prob, hard)) + L.cts_g_loss(d, hard),
+        "kl_to_uniform": L.kl_to_uniform(prob),
+        "shannon_entropy": L.shannon_entropy(prob).mean(),
+    }
+
+
+def test_losses_stay_float32_finite_and_close_under_bf16_autocast():
+    inputs = _inputs()
+    reference = _losses(inputs[0].float(), *inputs[1:])  # float32 throughout, on the same (bf16) logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = _losses(*inputs)
+    for name, value in under.items():
+        assert value.dtype == torch.float32, name
+        assert torch.isfinite(value), name
+        torch.testing.assert_close(value, reference[name], rtol=1e-3, atol=1e-6, msg=name)
