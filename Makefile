@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 # The demo is the main job at a size that fits 15 minutes on 2 CPU cores (docs/BENCHMARKS.md §13); the full
 # default (`python -m rayuda.tune cram`: 6 trials × 400 iterations, top 2 × 3 seeds) takes about 40.
-DEMO_ARGS ?= --num-samples 4 --max-iters 200 --set stages.source_only.iters=300 --confirm-top 1 --confirm-seeds 2
+DEMO_ARGS ?= --num-samples 4 --max-iters 200 --set stages.source_only.iters=300 --confirm-top 1 --confirm-seeds 3
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m rayuda.tune cram $(DEMO_ARGS)
