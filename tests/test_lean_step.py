@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from rayuda.engine.loop import losses_as_floats
 from rayuda.losses import (
-    domain_encoding,
-    entropy_loss,
-    fine_grained_adv_loss,
-    fine_grained_d_loss,
     layered_style_loss,
 )
 from rayuda.methods import default_config, get_method
 from rayuda.methods.base import image_size
 from rayuda.methods.context import TrainContext
 from rayuda.methods.cram import style_layer_weights
-from rayuda.methods.fgdem import deepest_features
 from rayuda.models import build_segmenter, param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from step_profile import old_adversarial, old_fgdem  # noqa: E402
 
 NUM_CLASSES = 5
 
@@ -56,16 +56,6 @@ def _batches():
 
 # --- the old order: both forward passes, one backward over the summed loss (the code before issue 16) -----------
 
-def _old_adversarial(method, ctx, source, target):
-    out_s, out_t = ctx.forward(source["image"]), ctx.forward(target["image"])
-    size = image_size(target)
-    maps_s, maps_t = method.domain_maps(ctx, out_s, size), method.domain_maps(ctx, out_t, size)
-    loss_seg = ctx.seg_loss(out_s, source["label"])
-    loss_adv = method.generator_loss(ctx, maps_t)
-    ctx.step_generator(loss_seg + ctx.params["w_adv"] * loss_adv)
-    ctx.step_discriminators(method.discriminator_loss(ctx, maps_s, maps_t))
-
-
 def _old_cram(method, ctx, source, target):
     p = ctx.params
     out_s, out_t = ctx.forward(source["image"]), ctx.forward(target["image"])
@@ -82,21 +72,8 @@ def _old_cram(method, ctx, source, target):
     ctx.step_generator(loss_g)
 
 
-def _old_fgdem(method, ctx, source, target):
-    p, disc = ctx.params, ctx.discriminators["fine"]
-    out_s, out_t = ctx.forward(source["image"]), ctx.forward(target["image"])
-    feat_s, feat_t = deepest_features(out_s), deepest_features(out_t)
-    z_s, z_t = out_s.logits["main"].float(), out_t.logits["main"].float()
-    loss_seg = ctx.seg_loss(out_s, source["label"])
-    loss_adv = fine_grained_adv_loss(disc(feat_t), domain_encoding(z_t, p["temperature"], p["clamp"], domain="source"))
-    loss_ent = entropy_loss(ctx.probs(out_t, "main", image_size(target)))
-    ctx.step_generator(loss_seg + p["lambda_adv"] * (loss_adv + p["lambda_ent"] * loss_ent))
-    enc_s = domain_encoding(z_s, p["temperature"], p["clamp"], domain="source")
-    enc_t = domain_encoding(z_t, p["temperature"], p["clamp"], domain="target")
-    ctx.step_discriminators(fine_grained_d_loss(disc(feat_s.detach()), disc(feat_t.detach()), enc_s, enc_t))
-
-
-OLD = {"advent": _old_adversarial, "adaptsegnet": _old_adversarial, "cram": _old_cram, "fgdem": _old_fgdem}
+# the single-backward steps as they were before issue 16 (bench/step_profile.py measures them too)
+OLD = {"advent": old_adversarial, "adaptsegnet": old_adversarial, "cram": _old_cram, "fgdem": old_fgdem}
 
 
 @pytest.mark.parametrize(("name", "multi_level", "params"), [
