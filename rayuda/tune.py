@@ -293,9 +293,9 @@ def prepare(args) -> dict[str, Any]:
     cfg = configs[methods[0]]
     from rayuda.data import open_dataset  # fail on a bad dataset spec now, not inside every trial
 
-    for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target")):
-        open_dataset(spec, split, role=role, protocol=cfg["protocol"])
-    from rayuda.engine.pipeline import describe_holdout, resolve_selection_metric
+    class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
+    open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
+    from rayuda.engine.pipeline import check_inputs, describe_holdout, resolve_selection_metric
 
     requested = cfg["train"]["metric"]
     for method_cfg in configs.values():
@@ -306,11 +306,8 @@ def prepare(args) -> dict[str, Any]:
               f"{'is' if metric == 'miou' else 'is not'} labelled)", flush=True)
 
     print(describe_holdout(cfg), flush=True)  # refuses miou on a target without labels, an empty selection
-    from rayuda.engine.pipeline import check_inputs
-
     for method_cfg in configs.values():  # G builds, model.init loads, every image and label decodes
-        check_inputs(method_cfg, list(open_dataset(cfg["source"], "train", role="source",
-                                                   protocol=cfg["protocol"]).class_names))
+        check_inputs(method_cfg, class_names)
     if auto and metric != "miou":
         print(f"WARNING: comparing methods on the label-free {metric!r} score favours methods that minimise "
               f"entropy (minent, advent, fgdem); prefer a few labelled target images and --metric miou", flush=True)

@@ -289,12 +289,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A stage checkpoint, or a :class:`~rayuda.config.ConfigError` naming the file and what to do."""
     try:
         state = load_checkpoint(path)
-        missing = {"model", "iteration", "rng", "best"} - set(state)
     except Exception as err:  # torch raises several types for empty, truncated or foreign files
-        missing, reason = None, load_failure(err)
+        reason = load_failure(err)
     else:
-        reason = f"it lacks {sorted(missing)}" if missing else ""
-    if missing is None or missing:
-        raise ConfigError(f"checkpoint {path} cannot be used ({reason}); delete it to restart this stage from its "
-                          f"first iteration")
-    return state
+        missing = {"model", "iteration", "rng", "best"} - set(state)
+        if not missing:
+            return state
+        reason = f"it lacks {sorted(missing)}"
+    raise ConfigError(f"checkpoint {path} cannot be used ({reason}); delete it to restart this stage from its "
+                      f"first iteration")
