@@ -19,14 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("search", type=Path, help="a search folder (STORAGE/NAME)")
-    args = parser.parse_args(argv)
-    summaries = [json.loads(p.read_text()) for p in sorted(args.search.glob("work/trials/*/summary.json"))]
+def cache_accounting(search: Path) -> dict | None:
+    """Hit/miss counts per stage and the stage seconds with and without the cache, over the finished trials
+    of ``search``; ``None`` when no trial finished."""
+    summaries = [json.loads(p.read_text()) for p in sorted(search.glob("work/trials/*/summary.json"))]
     if not summaries:
-        print(f"error: no finished trial under {args.search}/work/trials", file=sys.stderr)
-        return 2
+        return None
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     computed: dict[str, float] = {}  # stage folder → its compute seconds (paid once, by whichever trial)
     without_cache = 0.0
@@ -37,10 +35,22 @@ def main(argv=None) -> int:
             without_cache += seconds
             if stage["dir"]:
                 computed[stage["dir"]] = seconds
-    with_cache = sum(computed.values())
-    print(f"{len(summaries)} finished trials of {args.search}\n")
+    return {"finished": len(summaries), "counts": counts, "with_cache": sum(computed.values()),
+            "without_cache": without_cache}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("search", type=Path, help="a search folder (STORAGE/NAME)")
+    args = parser.parse_args(argv)
+    found = cache_accounting(args.search)
+    if found is None:
+        print(f"error: no finished trial under {args.search}/work/trials", file=sys.stderr)
+        return 2
+    with_cache, without_cache = found["with_cache"], found["without_cache"]
+    print(f"{found['finished']} finished trials of {args.search}\n")
     print("| stage | misses | hits | skipped |\n|---|---|---|---|")
-    for name, c in counts.items():
+    for name, c in found["counts"].items():
         print(f"| {name} | {c['miss']} | {c['hit']} | {c['skipped']} |")
     print(f"\nstage compute time with the cache: {with_cache:.0f} s (each computed stage once)\n"
           f"without it (every trial computes all its stages): {without_cache:.0f} s\n"

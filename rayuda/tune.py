@@ -39,6 +39,7 @@ from rayuda.methods import METHODS, plan_of, resolve_config
 from rayuda.search import Knob, SearchSpace, config_for, load_space, optuna_space
 
 DEFAULT_STORAGE = "rayuda_results"
+SAMPLERS = ("tpe", "random")
 WINNER = "winner.json"  # under STORAGE/NAME/work/: the run folder of the search's (confirmed) winner
 
 
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iterations of the method's last reported stage (default stages.<name>.iters)")
     p.add_argument("--grace", type=int, default=None, help="ASHA grace period in iterations (default max/4)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe",
+                   help="how trials are proposed: tpe (default) or random; both start from the paper defaults")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha",
+                   help="asha (default) stops weak trials early; none runs every trial to full length")
     p.add_argument("--metric", default=None, choices=sorted(SELECTION_METRICS) + ["auto"],
                    help="selection metric: miou on the labelled target holdout, or a label-free validator "
                         "(rayuda.validators); auto: miou on a labelled target, else im")
@@ -94,9 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- the searcher ------------------------------------------------------------------------------------
+def tpe_startup_trials(num_samples: int) -> int:
+    """Trials TPE samples at random before it models the space. Optuna's default (10) would leave a search
+    of 10 trials or fewer — rayuda's default is 6 — purely random: start modelling after half the trials
+    (at least 2, at most Optuna's 10)."""
+    return min(10, max(2, num_samples // 2))
+
+
+def make_sampler(kind: str, seed: int, num_samples: int):
+    """The Optuna sampler of ``--sampler``: seeded TPE (the default) or seeded random search."""
+    import optuna
+
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tpe_startup_trials(num_samples))
+    raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {kind!r}")
+
+
 def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path, storage: str | None = None,
-                  study_name: str | None = None):
-    """OptunaSearch (seeded TPE) that tells Optuna the truth about trials ASHA stopped early.
+                  study_name: str | None = None, sampler=None):
+    """OptunaSearch (seeded TPE unless ``sampler`` says otherwise) that tells Optuna the truth about trials
+    ASHA stopped early.
 
     Ray's integration completes every stopped trial with its last score, which TPE then trusts as a
     full-length result. Here a trial whose last result is not the engine's final report
@@ -134,7 +158,7 @@ def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path
 
     searcher = PruningAwareOptunaSearch(
         space=space_fn, metric=metric, mode="max", points_to_evaluate=[first] if first else None,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=sampler or optuna.samplers.TPESampler(seed=seed),
         storage=optuna.storages.RDBStorage(storage) if storage else None, study_name=study_name,
     )
     searcher.record = str(record)
@@ -462,8 +486,9 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                     {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     metric_name = cfg["train"]["metric"]
+    stopping = f"ASHA grace {plan['grace']}" if args.scheduler == "asha" else "no early stopping"
     print(f"rayuda.tune {args.method}: {len(space.knobs)} knobs from {space.source}; "
-          f"{args.num_samples} trials × {max_iters} iterations, ASHA grace {plan['grace']}, "
+          f"{args.num_samples} trials × {max_iters} iterations, {args.sampler} sampler, {stopping}, "
           f"selection metric {metric_name!r}; storage {exp_dir}; MLflow {uri}", flush=True)
 
     ray.init(address=args.address, include_dashboard=False, configure_logging=False,
@@ -475,18 +500,19 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         print(f"resuming search {name} from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
         concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
         searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score", seed=cfg["seed"],
                                  first=space.defaults(plan["fixed"]), record=record, storage=args.optuna_storage,
-                                 study_name=name)
-        scheduler = ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
-                                  reduction_factor=args.reduction_factor)
+                                 study_name=name, sampler=make_sampler(args.sampler, cfg["seed"], args.num_samples))
+        scheduler = (FIFOScheduler() if args.scheduler == "none" else
+                     ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
+                                   reduction_factor=args.reduction_factor))
         tracker = MlflowTracker(
             uri, f"rayuda-{args.method}", str(exp_dir), name, configs,
             {"method": args.method, "methods": ",".join(configs), "num_samples": args.num_samples,
-             "max_iters": max_iters, "grace": plan["grace"],
+             "max_iters": max_iters, "grace": plan["grace"], "sampler": args.sampler, "scheduler": args.scheduler,
              "reduction_factor": args.reduction_factor, "selection_metric": metric_name,
              "space": space.source}, str(work_root))
         tuner = tune.Tuner(

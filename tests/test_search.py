@@ -12,7 +12,7 @@ import pytest
 from rayuda.config import ConfigError
 from rayuda.methods import METHODS
 from rayuda.search import load_space, optuna_space
-from rayuda.tune import make_searcher, study_from_record
+from rayuda.tune import make_sampler, make_searcher, study_from_record, tpe_startup_trials
 
 
 def write(tmp_path, text: str):
@@ -157,3 +157,13 @@ def test_asha_max_t_covers_the_longest_plan_a_knob_can_make():
     assert longest_trial(cfg, load_space("cada")) > reported_iterations(cfg)  # the default has 2 rounds
     intrada = resolve_config("intrada")
     assert longest_trial(intrada, load_space("intrada")) == 400  # stages.intra.iters searched up to 400
+
+
+def test_the_sampler_flag_picks_seeded_tpe_or_random_search():
+    assert isinstance(make_sampler("random", 0, 6), optuna.samplers.RandomSampler)
+    tpe = make_sampler("tpe", 0, 6)
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+    assert tpe._n_startup_trials == 3  # half of a 6-trial search, so TPE models the other half
+    assert [tpe_startup_trials(n) for n in (1, 4, 8, 20, 100)] == [2, 2, 4, 10, 10]
+    with pytest.raises(ConfigError, match="--sampler"):
+        make_sampler("grid", 0, 6)

@@ -27,9 +27,9 @@ def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
             *TINY, *extra]
 
 
-def runs_of(tmp_path: Path):
+def runs_of(tmp_path: Path, experiment: str = "rayuda-advent"):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rayuda-advent")
+    exp = client.get_experiment_by_name(experiment)
     all_runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in all_runs if r.data.tags.get("rayuda.role") == "search"]
     children = [r for r in all_runs if r.data.tags.get("rayuda.role") == "trial"]
@@ -273,3 +273,51 @@ def test_an_intrada_search_trains_its_shared_stages_once(tmp_path):
     trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rayuda.role") == "trial"]
     assert all({f"rayuda.stage.{n}" for n in by_stage} <= set(r.data.tags) for r in trials)
     assert "[stage 3/4 rank]" in proc.stdout
+
+
+def test_random_search_without_early_stopping_runs_every_trial_to_full_length(tmp_path):
+    proc = subprocess.run(tune_cmd(tmp_path, "--sampler", "random", "--scheduler", "none", "--num-samples", "3",
+                                   "--max-iters", "4", "--grace", "2", "--max-concurrent", "2", "--no-confirm"),
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "random sampler, no early stopping" in proc.stdout
+    _, parents, children = runs_of(tmp_path)
+    assert parents[0].data.params["sampler"] == "random" and parents[0].data.params["scheduler"] == "none"
+    assert sorted(c.data.tags["rayuda.outcome"] for c in children) == ["finished"] * 3
+    summaries = list((tmp_path / "store" / "s" / "work").glob("trials/*/summary.json"))
+    assert len(summaries) == 3  # no trial was stopped at the grace rung
+
+
+SELF_TRAINING = {  # method → (tiny schedules, the stages every trial shares, the pseudo-label stages)
+    "cra": (["params.cda=fgdem", "stages.cda.iters=2", "stages.cra.iters=2"], ["source_only", "cda"], ["regions"]),
+    "pixintrada": (["params.rounds=1", "stages.inter.iters=2", "stages.intra.iters=2"], ["source_only", "inter"],
+                   ["split"]),
+    "cada": (["params.rounds=1", "stages.adapt.iters=2", "stages.round1.iters=2"], ["source_only"], ["thresholds1"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SELF_TRAINING))
+def test_a_self_training_search_on_an_unlabelled_target_caches_its_stages_and_reports_thresholds(tmp_path, method):
+    schedules, shared, passes = SELF_TRAINING[method]
+    target = unlabelled_folder(tmp_path / "mycity")
+    cmd = [sys.executable, "-m", "rayuda.tune", method, "--storage", str(tmp_path / "st"), "--name", "m",
+           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"), *TINY,
+           *[a for s in schedules for a in ("--set", s)], "--target", f"folder:{target}", "--metric", "entropy",
+           "--num-samples", "2", "--max-concurrent", "1", "--no-confirm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    trials = tmp_path / "st" / "m" / "work" / "trials"
+    summaries = [json.loads(p.read_text()) for p in sorted(trials.glob("*/summary.json"))]
+    assert len(summaries) == 2
+    for name in shared:  # computed by the first trial, reused by the second
+        assert sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == name)
+                      for summary in summaries) == ["hit", "miss"], name
+    client, parents, children = runs_of(tmp_path, f"rayuda-{method}")
+    for child in children:
+        assert child.data.tags["rayuda.selection_metric"] == "entropy"
+        tables = {a.path for a in client.list_artifacts(child.info.run_id, "thresholds")}
+        assert {f"thresholds/thresholds-{p}.{ext}" for p in passes for ext in ("csv", "png")} <= tables
+    best = (tmp_path / "best.yaml").read_text()
+    assert f"thresholds of stage {passes[0]}," in best  # the winner's per-class thresholds head best.yaml
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert f"thresholds-{passes[0]}.csv" in parent_files, parent_files
