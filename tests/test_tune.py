@@ -303,7 +303,7 @@ def test_a_self_training_search_on_an_unlabelled_target_caches_its_stages_and_re
     cmd = [sys.executable, "-m", "rayuda.tune", method, "--storage", str(tmp_path / "st"), "--name", "m",
            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"), *TINY,
            *[a for s in schedules for a in ("--set", s)], "--target", f"folder:{target}", "--metric", "entropy",
-           "--num-samples", "2", "--max-concurrent", "1", "--no-confirm"]
+           "--num-samples", "2", "--max-concurrent", "1", "--scheduler", "none", "--no-confirm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     trials = tmp_path / "st" / "m" / "work" / "trials"
