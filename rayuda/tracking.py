@@ -86,7 +86,8 @@ def ensure_experiment(client, name: str, uri: str) -> str:
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        # a relative database path is relative to the working directory, as MLflow reads it
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 

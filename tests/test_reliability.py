@@ -253,3 +253,15 @@ def test_a_resumed_search_tracks_to_the_mlflow_uri_given_at_resume(tmp_path):
     (tmp_path / "search.json").write_text(json.dumps({"num_samples": 2, "mlflow_uri": new}))  # what main() writes
     tracker.client.search_experiments()
     assert tracker.uri == new and (tmp_path / "new.db").exists() and not (tmp_path / "old.db").exists()
+
+
+def test_a_relative_sqlite_uri_gets_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    from rayuda.tracking import client_for, ensure_experiment
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///runs/mlflow.db"  # as a user types it; MLflow reads it relative to the working directory
+    exp_id = ensure_experiment(client_for(uri), "rayuda-advent", uri)
+    location = client_for(uri).get_experiment(exp_id).artifact_location
+    assert location == (tmp_path / "runs" / "mlartifacts").as_uri()
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
