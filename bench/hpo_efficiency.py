@@ -226,11 +226,13 @@ def plot(out: Path, found: dict, args) -> None:
         points = [(c, m) for c, m in curve if m is not None]
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.step(xs, ys, where="post", color=colours[arm], alpha=0.8,
+            ax.step(xs, ys, where="post", color=colours[arm], alpha=0.8, linewidth=3 if arm == "tpe+asha" else 1.5,
                     label=arm if name.endswith(f"-s{args.seeds[0]}") else None)
+            ax.plot(xs[-1], ys[-1], marker="o", color=colours[arm])  # where the search ended: its total compute
     ax.set_xlabel("compute spent by the search (CPU-seconds, trials' own timers)")
     ax.set_ylabel("test mIoU of the selected-so-far winner")
-    ax.set_title(f"{args.method} on minicity: {args.num_samples} trials per search, one line per search seed")
+    ax.set_title(f"{args.method} on minicity: {args.num_samples} trials per search, one line per search seed "
+                 "(dot: search ended)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "hpo.png", dpi=100)
