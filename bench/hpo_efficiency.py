@@ -123,20 +123,22 @@ def confirm(out: Path, configs: dict[str, str], seeds: list[int], args) -> dict[
                    "--out", str(run_dir), "--cache-dir", str(out / "caches" / "confirm"), "--force-new"]
             jobs.append((name, seed, run_dir, cmd))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running: list[tuple[str, int, Path, subprocess.Popen]] = []
+    running: list[tuple[str, int, Path, subprocess.Popen, object]] = []
     while jobs or running:
         while jobs and len(running) < args.concurrent:
             name, seed, run_dir, cmd = jobs.pop(0)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             print(f"[hpo] confirm {name} on seed {seed}", flush=True)
-            log = open(f"{run_dir}.log", "w")
-            running.append((name, seed, run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            log = open(f"{run_dir}.log", "w")  # closed when the run ends
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((name, seed, run_dir, proc, log))
         time.sleep(2)
         for job in list(running):
-            name, seed, run_dir, proc = job
+            name, seed, run_dir, proc, log = job
             if proc.poll() is None:
                 continue
             running.remove(job)
+            log.close()
             if proc.returncode != 0:
                 raise SystemExit(f"error: confirmation run {run_dir} exited {proc.returncode}; see {run_dir}.log")
             scores[name][seed] = 100 * json.loads((run_dir / "summary.json").read_text())["test"]["final"]["miou"]

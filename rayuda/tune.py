@@ -117,10 +117,10 @@ def make_sampler(kind: str, seed: int, num_samples: int):
     raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {kind!r}")
 
 
-def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path, storage: str | None = None,
-                  study_name: str | None = None, sampler=None):
-    """OptunaSearch (seeded TPE unless ``sampler`` says otherwise) that tells Optuna the truth about trials
-    ASHA stopped early.
+def make_searcher(space_fn, *, metric: str, sampler, first: dict, record: Path, storage: str | None = None,
+                  study_name: str | None = None):
+    """OptunaSearch with ``sampler`` (:func:`make_sampler`) that tells Optuna the truth about trials ASHA
+    stopped early.
 
     Ray's integration completes every stopped trial with its last score, which TPE then trusts as a
     full-length result. Here a trial whose last result is not the engine's final report
@@ -158,7 +158,7 @@ def make_searcher(space_fn, *, metric: str, seed: int, first: dict, record: Path
 
     searcher = PruningAwareOptunaSearch(
         space=space_fn, metric=metric, mode="max", points_to_evaluate=[first] if first else None,
-        sampler=sampler or optuna.samplers.TPESampler(seed=seed),
+        sampler=sampler,
         storage=optuna.storages.RDBStorage(storage) if storage else None, study_name=study_name,
     )
     searcher.record = str(record)
@@ -503,9 +503,10 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
         concurrent = args.max_concurrent or _fitting_trials(ray.cluster_resources(), args)
-        searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score", seed=cfg["seed"],
+        searcher = make_searcher(optuna_space(space, plan["fixed"]), metric="score",
+                                 sampler=make_sampler(args.sampler, cfg["seed"], args.num_samples),
                                  first=space.defaults(plan["fixed"]), record=record, storage=args.optuna_storage,
-                                 study_name=name, sampler=make_sampler(args.sampler, cfg["seed"], args.num_samples))
+                                 study_name=name)
         scheduler = (FIFOScheduler() if args.scheduler == "none" else
                      ASHAScheduler(time_attr="iteration", max_t=max_iters, grace_period=plan["grace"],
                                    reduction_factor=args.reduction_factor))

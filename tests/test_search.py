@@ -90,8 +90,8 @@ def test_conditional_knob_exists_only_when_its_condition_holds(tmp_path):
 
 def _searcher(tmp_path):
     space = load_space("advent")
-    searcher = make_searcher(optuna_space(space), metric="score", seed=0, first=space.defaults(),
-                             record=tmp_path / "record.json")
+    searcher = make_searcher(optuna_space(space), metric="score", sampler=make_sampler("tpe", 0, 6),
+                             first=space.defaults(), record=tmp_path / "record.json")
     searcher.set_search_properties("score", "max", {})
     return searcher
 
