@@ -44,8 +44,17 @@ BASE_DEFAULTS: dict[str, Any] = {
         # the labelled target-val images are split, by a seeded hash of their names, into a selection part
         # (the search's score, checkpoint choice) and a test part (the numbers reported as results)
         "test_fraction": 0.5,
+        "max_selection": 500,  # at most this many selection images; the rest of a large holdout joins the test part
         "split_seed": 0,
         "num_workers": None,  # DataLoader workers; null: 0 on CPU, min(4, half the CPUs) on CUDA (engine/accel.py)
+        # image/label pairs of different sizes (the stock GTA5 has some): "refuse" (the run stops before any
+        # compute, naming them) or "skip" (dropped from every dataset the run opens, listed in summary.json)
+        "bad_pairs": "refuse",
+        # how the target holdout is scored (search, confirmation, test numbers): "label" = at each label's own
+        # resolution, logits upsampled to it (the papers' protocol, and rayuda.predict's), one image at a time;
+        # "resized" = labels resized to the target size with the images. null: label for gta5/synthia/cityscapes/
+        # folder targets, resized for minicity (rayuda.engine.pipeline.resolve_eval_protocol)
+        "eval_protocol": None,
     },
     "model": {
         "backbone": "resnet18",
@@ -78,6 +87,9 @@ BASE_DEFAULTS: dict[str, Any] = {
         "metric": "miou",  # or a label-free validator; "auto": miou on a labelled target, else AUTO_UNLABELLED
         "num_masks": 4,
         "probe_images": 16,  # target-train images each evaluation stores predictions of (rayuda.engine.probe)
+        # decay of an exponential moving average of G's weights (0: none): evaluations, the selected and the final
+        # model are the average (rayuda.engine.loop.weight_average); training continues on the raw weights
+        "ema": 0.0,
     },
     # Per-stage schedules. source_only is the cached stage every plan starts from (iters 0: start the next
     # stage from model.init); a method adds its own stages (rayuda.methods).

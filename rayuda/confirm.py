@@ -96,7 +96,7 @@ def run_confirmation(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     set_key(cfg, "seed", params["seed"], source="confirmation")
     slug = params["candidate"].replace(" ", "-")
     out_dir = Path(setup["work_root"]) / "confirm" / f"{slug}-seed{params['seed']}"
-    summary = run_pipeline(cfg, out_dir, cache_dir=setup["cache_dir"])
+    summary = run_pipeline(cfg, out_dir, cache_dir=setup["cache_dir"], list_dropped=False)
     test = (summary.get("test") or {}).get("final")
     tune.report({"score": summary["score"], "test_miou": test["miou"] if test else float("nan"),
                  "candidate": params["candidate"], "seed": params["seed"]})

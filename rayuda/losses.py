@@ -238,12 +238,26 @@ def cra_d_loss(d_logits: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
     return soft_label_cross_entropy(d_logits, encoding)
 
 
-def cra_adv_loss(d_logits: torch.Tensor, encoding: torch.Tensor) -> torch.Tensor:
+def cra_adv_loss(
+    d_logits: torch.Tensor, encoding: torch.Tensor, untrusted: torch.Tensor | None = None
+) -> torch.Tensor:
     """G's loss (CRA eq. 7): ``−Σ_i Σ_k a_ik (1−m_i) log P(d=0, c=k | f_i)``: untrusted pixels labelled
-    *trusted* (``[a; 0]``), trusted pixels contribute nothing; divided by the pixel count as :func:`cra_d_loss`."""
+    *trusted* (``[a; 0]``), trusted pixels contribute nothing.
+
+    Normalisation (choice: eq. 7 is a plain sum): with ``untrusted`` (the N×H×W mask ``1 − m``, any
+    resolution) the sum is divided by the number of untrusted pixels — the mask resized to D's output as the
+    encoding is, summed over the batch (at least 1) — a mean over the untrusted pixels, as eq. 5's CE is
+    divided by the trusted ones (:func:`seg_cross_entropy`). Without it, by every pixel of D's output, as
+    :func:`cra_d_loss` (rayuda's CRA v1: ≈ the untrusted share × the former).
+    """
     k = encoding.shape[1] // 2
     untrusted_as_trusted = torch.cat([encoding[:, k:], torch.zeros_like(encoding[:, k:])], dim=1)
-    return soft_label_cross_entropy(d_logits, untrusted_as_trusted)
+    if untrusted is None:
+        return soft_label_cross_entropy(d_logits, untrusted_as_trusted)
+    target = _resize(untrusted_as_trusted, d_logits.shape[-2:])
+    total = -(target * F.log_softmax(d_logits, dim=1)).sum()
+    count = _resize(untrusted.to(target.dtype).unsqueeze(1), d_logits.shape[-2:]).sum()
+    return total / count.clamp_min(1.0)
 
 
 # --- PixIntraDA: pixel-level adversarial (eq. 6), continuous indexing (eq. 7–8), KLD regulariser ------------

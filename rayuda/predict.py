@@ -3,14 +3,14 @@
 RUN is a run folder (``python -m rayuda.train``'s ``--out``) or a Tune trial folder (``config.yaml`` and
 ``best_model.pt`` / ``model.pt``), a search folder ``STORAGE/NAME`` (the run of its confirmed winner,
 ``work/winner.json``; without one, its trial with the highest ``best_score`` in ``work/trials/*/summary.json``),
-or an MLflow model URI (``models:/rayuda-cram/latest``,
+or an MLflow model URI (``models:/rayuda-cram@champion``: the latest confirmed winner; ``models:/rayuda-cram/3``,
 ``runs:/...``) logged by :func:`rayuda.tracking.log_winner_model`.
 
 Examples::
 
     python -m rayuda.predict runs/cram --images /data/mycity/images --overlay
     python -m rayuda.predict rayuda_results/cram-20250101-120000 --images folder_with_labels
-    python -m rayuda.predict models:/rayuda-cram/latest --images photos/ --out preds/
+    python -m rayuda.predict models:/rayuda-cram@champion --images photos/ --out preds/
 
 Outputs under ``--out``: ``labels/<name>.png`` (uint8 train ids), ``color/<name>.png`` (Cityscapes
 palette), with ``--overlay`` ``overlay/<name>.png`` (image | colour, side by side), and ``metrics.json``
@@ -41,9 +41,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from rayuda.config import ConfigError
-from rayuda.data import DatasetError, Transform, class_names, open_dataset
+from rayuda.data import DatasetError, class_names, open_dataset
 from rayuda.data.datasets import IMAGE_SUFFIXES
 from rayuda.data.labels import palette
+from rayuda.data.transforms import OwnLabelSize
 
 WEIGHTS = {"best": "best_model.pt", "final": "model.pt"}
 #: Inside an MLflow model logged by rayuda: the files that rebuild G (see rayuda.tracking.log_winner_model).
@@ -201,8 +202,9 @@ def load_run(run_dir: str | Path, weights: str = "best") -> LoadedRun:
 
 @contextmanager
 def mlflow_uri(uri: str) -> Iterator[None]:
-    """MLflow's global tracking and registry URI set to ``uri`` for the block (``models:/`` URIs resolve
-    through the global registry URI only), then restored."""
+    """MLflow's global tracking and registry URI set to ``uri`` for the block, then restored: for the MLflow calls
+    that take no URI (``mlflow.pytorch.log_model`` / ``load_model``). Downloads pass theirs instead
+    (:func:`load_model_uri`), so ``predict`` leaves the globals alone."""
     import mlflow
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
@@ -215,15 +217,54 @@ def mlflow_uri(uri: str) -> Iterator[None]:
         mlflow.set_registry_uri(previous[1])
 
 
+def model_location(uri: str, tracking_uri: str) -> str:
+    """Where the model a ``models:/`` URI names is stored, looked up in the store ``tracking_uri`` (tracking and
+    registry): ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest`` (the highest version),
+    ``models:/NAME/STAGE`` or ``models:/MODEL_ID``. Other URIs are returned as they are.
+
+    MLflow's own download resolves a ``models:/`` URI through its *global* registry URI whatever it is passed
+    (``ModelsArtifactRepository._get_model_uri_infos``, MLflow 3.17), so rayuda resolves it with its own client."""
+    from rayuda.tracking import client_for
+
+    if not uri.startswith("models:/"):
+        return uri
+    client, ref = client_for(tracking_uri), uri[len("models:/"):].strip("/")
+    name, _, suffix = ref.partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif not suffix:  # a logged model's id (models:/m-...)
+        return client.get_logged_model(name).artifact_location
+    elif suffix.isdigit():
+        version = client.get_model_version(name, suffix)
+    elif suffix.lower() == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise RunError(f"{uri}: registered model {name!r} has no version in {tracking_uri}")
+        version = max(versions, key=lambda v: int(v.version))
+    else:  # a stage
+        versions = client.get_latest_versions(name, [suffix])
+        if not versions:
+            raise RunError(f"{uri}: registered model {name!r} has no version in stage {suffix!r}")
+        version = versions[0]
+    if getattr(version, "model_id", None):
+        return client.get_logged_model(version.model_id).artifact_location
+    return client.get_model_version_download_uri(name, version.version)
+
+
 def load_model_uri(uri: str, tracking_uri: str) -> LoadedRun:
     """G of an MLflow model logged by :func:`rayuda.tracking.log_winner_model`, rebuilt from its config and
-    state dict (the model's ``extra_files``); its pickle-free ``pt2`` export is not needed here."""
+    state dict (the model's ``extra_files``); its pickle-free ``pt2`` export is not needed here. Everything
+    goes through ``tracking_uri``; MLflow's global URIs are left as they are."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="rayuda-model-") as tmp:
         try:
-            with mlflow_uri(tracking_uri):
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            location = model_location(uri, tracking_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                             tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        except RunError:
+            raise
         except Exception as err:  # noqa: BLE001 — MLflow raises many kinds; the user needs one line
             raise RunError(f"{uri}: cannot download the model from {tracking_uri} ({_oneline(err)})") from None
         files = local / MODEL_FILES
@@ -262,28 +303,13 @@ class LogitsModule(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------ images
 
 
-class _ResizeImageOnly:
-    """The training transform for the image (resize to ``size``, normalise); the label keeps its own size."""
-
-    random = False
-
-    def __init__(self, size: tuple[int, int] | None, preprocessing: str = "imagenet"):
-        self.transform = Transform(size=size, preprocessing=preprocessing)
-
-    def __call__(self, image: Image.Image, label: np.ndarray | None = None, rng=None):
-        img, _ = self.transform(image)
-        if label is None:
-            return img, torch.full((image.height, image.width), 255, dtype=torch.int64)
-        return img, torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)).long()
-
-
 class ImageSet(Dataset):
     """The images to segment: items ``image`` (G's input), ``label`` (train ids at the image's size, 255 =
     none) and ``index``. ``names[i]`` is the output name (relative path, no suffix), ``sizes[i]`` (H, W)."""
 
     def __init__(self, path: Path, size: tuple[int, int] | None, protocol: int, exclude: Path | None = None,
                  preprocessing: str = "imagenet"):
-        self.transform = _ResizeImageOnly(size, preprocessing)
+        self.transform = OwnLabelSize(size, preprocessing)  # as evaluation's data.eval_protocol=label
         self.labelled = None
         if path.is_file():
             files, root = [path], path.parent
@@ -418,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                "at its own size; the logits are upsampled back to the image's size before the argmax.")
     parser.add_argument("run", metavar="RUN",
                         help="run or trial folder, search folder (its best trial), or MLflow model URI "
-                             "(models:/rayuda-METHOD/latest, runs:/ID/model)")
+                             "(models:/rayuda-METHOD@champion: the latest confirmed winner; models:/rayuda-METHOD/N, "
+                             "runs:/ID/model)")
     parser.add_argument("--images", required=True, metavar="PATH",
                         help="an image, a folder of *.png/*.jpg/*.jpeg (searched recursively), or a folder: "
                              "dataset (PATH/images, optional PATH/labels: then mIoU is reported)")

@@ -188,6 +188,15 @@ class CategoryAdaptiveThresholds(PseudoLabeller):
 
 # --- CRA: trusted / untrusted regions (cross-region adaptation, eq. 2–4) ------------------------------------
 
+#: CRA's share below which a class is *rare* (the paper's 1/100; ``params.regions.rare_fraction``'s default).
+RARE_FRACTION = 0.01
+
+
+def rare_classes(counts: torch.Tensor, fraction: float = RARE_FRACTION) -> torch.Tensor:
+    """CRA's rare classes (§3.3): a boolean mask of the classes whose share of the argmax ``counts`` (one per
+    class, over every pixel of target-train) is below ``fraction``."""
+    return counts.double() / max(int(counts.sum()), 1) < fraction
+
 
 class CrossRegionSplit(PseudoLabeller):
     """CRA's region split (§3.3), computed once from the cross-domain model (the paper's Step 2, offline).
@@ -233,7 +242,7 @@ class CrossRegionSplit(PseudoLabeller):
     def decide(self):
         total = max(int(self.counts.sum()), 1)
         share = self.counts.double() / total
-        self.rare = share < self.rare_fraction
+        self.rare = rare_classes(self.counts, self.rare_fraction)
         kept = torch.where(self.rare, self.below_scaled, self.below)
         per_class = {}
         for c, cls in enumerate(self.class_names):

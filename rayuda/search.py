@@ -6,7 +6,7 @@ A space file names the method and its knobs. Each knob is a dotted config key (`
     method: cram
     knobs:
       params.w_adv: {type: float, low: 1.0e-4, high: 1.0e-2, log: true, default: 1.0e-3}
-      params.style_layers: {type: categorical, choices: [layer1+layer2, layer2+layer3], default: layer2+layer3}
+      params.style_layers: {type: categorical, choices: [layer1+layer2, layer2+layer3], default: layer1+layer2}
       params.style_weight:
         {type: float, low: 0.1, high: 0.9, default: 0.5, condition: {params.sfa: [true]}}
 

@@ -124,17 +124,37 @@ def trial_error(trial) -> str:
         return "unknown error (its error file could not be read)"
 
 
+def driver_tags() -> dict[str, str]:
+    """The provenance tags of the process that runs the search (:func:`rayuda.provenance.provenance`: library,
+    CUDA and cuDNN versions, rayuda's version, ``mlflow.source.git.commit`` and the dirty flag)."""
+    from rayuda.provenance import mlflow_tags, provenance
+
+    return mlflow_tags(provenance())
+
+
 def summary_environment(summary_path: Path) -> dict[str, Any]:
-    """The machine facts a trial's ``summary.json`` recorded (torch, CPU/GPU, threads, deterministic)."""
+    """The machine and code facts a trial's ``summary.json`` recorded (``environment``: versions, git commit,
+    CPU/GPU, threads, deterministic)."""
     if not Path(summary_path).is_file():
         return {}
 
     return json.loads(Path(summary_path).read_text()).get("environment", {})
 
 
+def summary_dropped(summary_path: Path) -> list[dict[str, str]]:
+    """The bad pairs (image, label, reason) a run's ``summary.json`` says ``data.bad_pairs=skip`` left out."""
+    if not Path(summary_path).is_file():
+        return []
+    return (json.loads(Path(summary_path).read_text()).get("bad_pairs") or {}).get("dropped", [])
+
+
 def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
     """For every pseudo-label stage of a run that decided per-class thresholds (``per_class`` in its facts), a
-    CSV table and a bar chart of them in ``out_dir`` (``thresholds-<stage>.csv`` / ``.png``); returns the files."""
+    CSV table and a bar chart of them in ``out_dir`` (``thresholds-<stage>.csv`` / ``.png``); returns the files.
+
+    Where the pass measured its pseudo-labels against the target's true labels (``truth_per_class``), each
+    row also has their ``precision`` and ``recall``, and classes with true pixels the labeller did not list
+    get a row of their own (class order)."""
     import csv
 
     if not Path(summary_path).is_file():
@@ -144,6 +164,10 @@ def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
         per_class = stage.get("per_class")
         if not per_class:
             continue
+        truth = stage.get("truth_per_class") or {}
+        if truth:
+            per_class = {name: {**per_class.get(name, {}), **scores} for name, scores in truth.items()
+                         if name in per_class or scores["recall"] is not None}
         out_dir.mkdir(parents=True, exist_ok=True)
         columns = sorted({k for row in per_class.values() for k in row})
         table = out_dir / f"thresholds-{stage['stage']}.csv"
@@ -156,14 +180,14 @@ def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
 
 
 def _threshold_chart(stage: str, per_class: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Bars of each class's threshold (and kept share, where recorded)."""
+    """Bars of each class's threshold (and kept share, pseudo-label precision and recall, where recorded)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(per_class)
-    series = [k for k in ("threshold", "scaled_threshold", "kept_share")
+    series = [k for k in ("threshold", "scaled_threshold", "kept_share", "precision", "recall")
               if any(isinstance(per_class[n].get(k), int | float) for n in names)]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
     width = 0.8 / max(len(series), 1)
@@ -177,6 +201,19 @@ def _threshold_chart(stage: str, per_class: dict[str, dict[str, Any]], path: Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pseudo_metrics(summary_path: Path) -> list[tuple[str, float, int]]:
+    """``(metric, value, step)`` of the pseudo-label quality a run's passes measured against the target's true
+    labels (stage facts ``pseudo/precision``, ``pseudo/recall``, ``pseudo/rare_precision``,
+    ``pseudo/rare_recall``, see :func:`rayuda.engine.passes.truth_facts`); ``step`` is the stage's place in
+    the plan, so a plan with several passes keeps one history per metric. Empty when none was measured."""
+    if not Path(summary_path).is_file():
+        return []
+    stages = json.loads(Path(summary_path).read_text())["stages"]
+    return [(key, float(value), step) for step, stage in enumerate(stages) for key, value in stage.items()
+            if key.startswith("pseudo/") and isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value)]
 
 
 def stage_lines(summary_path: Path) -> dict[str, str]:
@@ -234,7 +271,8 @@ class MlflowTracker(tune.Callback):
                     client.update_run(self._parent, status="RUNNING")
             else:
                 run = client.create_run(self._experiment_id, run_name=self.run_name,
-                                        tags={"rayuda.search": self.search_id, "rayuda.role": "search"})
+                                        tags={"rayuda.search": self.search_id, "rayuda.role": "search",
+                                              **driver_tags()})
                 self._parent = run.info.run_id
                 first = next(iter(self.base_configs.values()))  # which images: source and target as inputs
                 self._inputs = log_dataset_inputs(client, self._parent, first["source"], first["target"],
@@ -256,7 +294,8 @@ class MlflowTracker(tune.Callback):
                     self.client.update_run(run_id, status="RUNNING")
             else:
                 tags = {"mlflow.parentRunId": parent, "rayuda.trial_id": trial.trial_id, "rayuda.role": "trial",
-                        "rayuda.selection_metric": self._config_of(trial)["train"]["metric"]}
+                        "rayuda.selection_metric": self._config_of(trial)["train"]["metric"],
+                        **driver_tags()}  # the trial's own summary (its worker's versions) replaces them
                 run_id = self.client.create_run(self._experiment_id, run_name=str(trial), tags=tags).info.run_id
                 config = self._config_of(trial)
                 params = {**flatten(config), **(trial.config or {})}
@@ -319,11 +358,18 @@ class MlflowTracker(tune.Callback):
         if error:
             self.client.set_tag(run_id, "rayuda.error", error[:5000])
         trial_dir = Path(self.work_root) / "trials" / trial.trial_id
-        for key, value in summary_environment(trial_dir / "summary.json").items():
-            self.client.set_tag(run_id, f"rayuda.env.{key}", str(value))
+        from rayuda.provenance import mlflow_tags
+
+        for key, value in mlflow_tags(summary_environment(trial_dir / "summary.json")).items():
+            self.client.set_tag(run_id, key, value)
+        dropped = summary_dropped(trial_dir / "summary.json")
+        if dropped:  # data.bad_pairs=skip: the list is the parent run's dropped_pairs.tsv
+            self.client.set_tag(run_id, "rayuda.dropped_pairs", str(len(dropped)))
         for stage, line in stage_lines(trial_dir / "summary.json").items():
             self.client.set_tag(run_id, f"rayuda.stage.{stage}", line.split()[0])
             self.client.log_metric(run_id, f"stage_seconds/{stage}", float(line.split()[1]))
+        for key, value, step in pseudo_metrics(trial_dir / "summary.json"):  # reported, never selected on
+            self.client.log_metric(run_id, key, value, step=step)
         for path in threshold_tables(trial_dir / "summary.json", trial_dir / "thresholds"):
             self.client.log_artifact(run_id, str(path), "thresholds")
         best = trial_dir / "best_model.pt"
@@ -341,9 +387,11 @@ class MlflowTracker(tune.Callback):
 
 def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Path | None, artifacts: list[Path],
                   metrics: dict[str, float], tags: dict[str, str] | None = None, status: str = "FINISHED",
-                  winner_dir: Path | None = None, register: bool = True) -> str | None:
+                  winner_dir: Path | None = None, register: bool = True, champion: bool = False,
+                  description: str | None = None) -> str | None:
     """Attach the search's results (best config, trials table, plots, confirmation) to its parent run; log the
-    winner's model from ``winner_dir`` (and register it, see :func:`log_winner_model`); close the run."""
+    winner's model from ``winner_dir`` (and register it, see :func:`log_winner_model`; ``champion``: the
+    confirmed winner, given the alias :data:`CHAMPION`; ``description``: the version's); close the run."""
     client = client_for(uri)
     exp_id = ensure_experiment(client, experiment, uri)
     found = client.search_runs([exp_id], f"tags.`rayuda.search` = '{search_id}'")
@@ -359,9 +407,15 @@ def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Pat
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
     if winner_dir is not None:
-        model_uri = log_winner_model(uri, run_id, winner_dir, register=register)
+        model_uri = log_winner_model(uri, run_id, winner_dir, register=register,
+                                     alias=CHAMPION if register and champion else None, description=description)
         client.set_tag(run_id, "rayuda.model_uri", model_uri)
-        print(f"winner's model → {model_uri} (python -m rayuda.predict {model_uri} --images DIR)", flush=True)
+        if register and champion:
+            name = model_uri.split("/")[1]
+            print(f"winner's model → {model_uri}, alias {CHAMPION} (python -m rayuda.predict "
+                  f"models:/{name}@{CHAMPION} --images DIR)", flush=True)
+        else:
+            print(f"winner's model → {model_uri} (python -m rayuda.predict {model_uri} --images DIR)", flush=True)
     client.set_terminated(run_id, status)
     return run_id
 
@@ -375,6 +429,8 @@ EXPERIMENT_KIND = "custom_model_development"
 _GUESSED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
 #: (H, W) of the input example logged with a model (G is exported for any H, W).
 EXAMPLE_SIZE = (32, 64)
+#: The registered-model alias of the latest confirmed winner: ``models:/rayuda-METHOD@champion``.
+CHAMPION = "champion"
 
 
 def dataset_input(spec: str, role: str, protocol: int):
@@ -411,10 +467,11 @@ def log_dataset_inputs(client, run_id: str, source_spec: str, target_spec: str, 
 
 
 def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool = True, *,
-                     weights: str = "best") -> str:
+                     weights: str = "best", alias: str | None = None, description: str | None = None) -> str:
     """Log G of the run or trial folder ``run_dir`` (its ``best_model.pt``; ``weights="final"``: ``model.pt``) as
     the MLflow PyTorch model ``model`` of run ``run_id``, and with ``register`` as a new version of the registered
-    model ``rayuda-<method>``. Returns its URI: ``models:/rayuda-<method>/<version>``, else ``models:/<model id>``.
+    model ``rayuda-<method>`` (with ``description``; ``alias``, e.g. :data:`CHAMPION`, moved to it). Returns its
+    URI: ``models:/rayuda-<method>/<version>``, else ``models:/<model id>``.
 
     Format (choice): MLflow's ``pt2`` export (``torch.export``) of G mapping an ImageNet-normalised N×3×H×W float32
     batch (any N, H, W) to N×C×H×W logits: MLflow checks it is pickle-free before loading, so
@@ -461,5 +518,11 @@ def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool 
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
             registered_model_name=f"rayuda-{method}" if register else None)
     if register:
-        return f"models:/rayuda-{method}/{info.registered_model_version}"
+        name, version = f"rayuda-{method}", str(info.registered_model_version)
+        client = client_for(uri)
+        if description:
+            client.update_model_version(name, version, description=description)
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+        return f"models:/{name}/{version}"
     return info.model_uri

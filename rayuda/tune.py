@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import csv
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +44,7 @@ from rayuda.search import Knob, SearchSpace, config_for, load_space, optuna_spac
 DEFAULT_STORAGE = "rayuda_results"
 SAMPLERS = ("tpe", "random")
 WINNER = "winner.json"  # under STORAGE/NAME/work/: the run folder of the search's (confirmed) winner
+DROPPED = "dropped_pairs.tsv"  # under STORAGE/NAME/work/: the bad pairs data.bad_pairs=skip left out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
     p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help="experiment state and checkpoints: a local or shared path (default ./rayuda_results)")
+                   help="Ray's experiment state and checkpoints: a local or shared path, or an object store "
+                        "(s3://BUCKET/PATH, gs://...) (default ./rayuda_results)")
+    p.add_argument("--work-dir", default=None,
+                   help="rayuda's own files (trial run folders, best.yaml, trials table, default stage cache): a POSIX "
+                        "folder every node shares (default: --storage when it is a path, else ./rayuda_results)")
     p.add_argument("--name", default=None, help="experiment name (default METHOD-DATE-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the named (or latest) search of METHOD")
-    p.add_argument("--cache-dir", default=None, help="stage cache (default STORAGE/NAME/stage-cache)")
+    p.add_argument("--cache-dir", default=None,
+                   help="stage cache, shared by every node (default WORK_DIR/NAME/stage-cache; WORK_DIR: --work-dir)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     p.add_argument("--best", default="best.yaml", help="where to write the best config (default ./best.yaml)")
     p.add_argument("--test-fraction", type=float, default=None,
@@ -198,6 +207,17 @@ def study_from_record(path: str | Path):
 
 
 # -- the trial ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def report_without_weights(report_dir: Path):
+    """A temporary copy of an evaluation's report folder without G's weights (``*.pt``): what the Ray checkpoint
+    of a report needs to carry (the masks, which the MLflow callback logs). Nothing reads G back from Ray — a
+    resumed trial continues from its stage checkpoint in the stage cache — so an evaluation writes G once less
+    (docs/BENCHMARKS.md §18)."""
+    with tempfile.TemporaryDirectory(prefix="rayuda-report-") as tmp:
+        shutil.copytree(report_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt"))
+        yield Path(tmp)
+
+
 def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
     """One Tune trial: the method's pipeline with the sampled knobs, reporting each evaluation."""
     import ray
@@ -206,17 +226,22 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
 
     from rayuda.engine import run_pipeline
     from rayuda.engine.loop import NonFiniteLoss
+    from rayuda.storage import check_marker
 
     torch.set_num_threads(max(1, int(setup["cpus_per_trial"])))
     cfg = config_for(setup["configs"], params)
     out_dir = Path(setup["work_root"]) / "trials" / tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()  # which machine ran it, tagged in MLflow
+    check_marker([setup["work_root"], setup["cache_dir"]], f"node {ray.util.get_node_ip_address()}")
     last: list[tuple[dict[str, Any], Path]] = []
     reached = {"iteration": 0}  # the step axis's last reported iteration
 
     def send(metrics: dict[str, Any], report_dir: Path | None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(str(report_dir)) if report_dir is not None else None
-        tune.report(metrics, checkpoint=checkpoint)
+        if report_dir is None:
+            tune.report(metrics)
+            return
+        with report_without_weights(report_dir) as folder:  # Ray uploads it before report returns
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     def report(metrics: dict[str, Any], report_dir: Path | None) -> None:
         metrics = {**metrics, "node_id": node_id}
@@ -227,7 +252,7 @@ def run_trial(params: dict[str, Any], *, setup: dict[str, Any]) -> None:
         send(metrics, report_dir)
 
     try:
-        summary = run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"])
+        summary = run_pipeline(cfg, out_dir, report=report, cache_dir=setup["cache_dir"], list_dropped=False)
     except NonFiniteLoss as err:  # deterministic: a retry would diverge again, so the trial ends as failed
         failed = {"iteration": reached["iteration"], "score": float("-inf"), "failed": str(err), "node_id": node_id}
         (out_dir / "failure.txt").write_text(str(err) + "\n")
@@ -319,26 +344,38 @@ def prepare(args) -> dict[str, Any]:
 
     class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
     open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
-    from rayuda.engine.pipeline import check_inputs, describe_holdout, resolve_selection_metric
+    from rayuda.engine.pipeline import (
+        check_inputs,
+        describe_holdout,
+        dropped_lines,
+        resolve_eval_protocol,
+        resolve_selection_metric,
+    )
 
     requested = cfg["train"]["metric"]
     for method_cfg in configs.values():
         metric = resolve_selection_metric(method_cfg)  # `auto` → what it means for this target, in every trial
+        resolve_eval_protocol(method_cfg)  # null → label (a real dataset) or resized (minicity), in every trial
         check_plan(plan_of(method_cfg), method_cfg)  # e.g. a probe validator with train.probe_images 0
     if requested != metric:
         print(f"selection metric {requested!r} → {metric!r} (the target holdout "
               f"{'is' if metric == 'miou' else 'is not'} labelled)", flush=True)
 
-    print(describe_holdout(cfg), flush=True)  # refuses miou on a target without labels, an empty selection
+    describe_holdout(cfg)  # refuses miou on a target without labels, an empty selection (before decoding)
+    dropped = {}  # data.bad_pairs=skip: the image/label pairs of different sizes every trial leaves out
     for method_cfg in configs.values():  # G builds, model.init loads, every image and label decodes
-        check_inputs(method_cfg, class_names)
+        dropped.update({pair.image: pair for pair in check_inputs(method_cfg, class_names)})
+    dropped = list(dropped.values())
+    if dropped:
+        print("\n".join(dropped_lines(dropped)), flush=True)
+    print(describe_holdout(cfg, frozenset(p.image for p in dropped)), flush=True)
     if auto and metric != "miou":
         print(f"WARNING: comparing methods on the label-free {metric!r} score favours methods that minimise "
               f"entropy (minent, advent, fgdem); prefer a few labelled target images and --metric miou", flush=True)
     if not args.no_confirm and (args.confirm_top < 0 or args.confirm_seeds < 1 or args.min_gain < 0):
         raise ConfigError("--confirm-top must be ≥ 0, --confirm-seeds ≥ 1 and --min-gain ≥ 0 (or --no-confirm)")
     return {"configs": configs, "space": space, "spaces": spaces, "fixed": fixed, "max_iters": max_iters,
-            "grace": grace}
+            "grace": grace, "dropped": dropped}
 
 
 def check_knob_values(space: SearchSpace, cfg: dict[str, Any]) -> None:
@@ -453,10 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.mlflow_uri:
             check_tracking_uri(args.mlflow_uri)  # the cheapest check first
         plan = prepare(args)
-        storage = Path(args.storage).resolve()
-        name, exp_dir = _experiment_dir(args, storage)
+        name, exp_dir = where_things_go(args)
         if args.resume:
             check_trusted(exp_dir)
+            if args.ray_experiment != str(exp_dir):  # an object store has no file owners to check
+                print(f"note: --resume unpickles the search's state from {args.ray_experiment}: resume only from "
+                      f"a bucket that only you (or people you trust) can write", file=sys.stderr)
         args.mlflow_uri = args.mlflow_uri or search_record(exp_dir).get("mlflow_uri") or default_tracking_uri()
         check_tracking_uri(args.mlflow_uri)
         if args.optuna_storage:
@@ -465,6 +504,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return search(args, plan, name, exp_dir)
+
+
+def where_things_go(args) -> tuple[str, Path]:
+    """The search's name and its POSIX folder (rayuda's files); sets ``args.ray_storage`` (Ray's ``storage_path``:
+    that folder's parent, or the ``--storage`` URI) and ``args.ray_experiment`` (what ``--resume`` restores)."""
+    from rayuda.storage import check_storage_uri, is_uri, join
+
+    remote = is_uri(args.storage)
+    if remote:
+        check_storage_uri(args.storage)
+    root = Path(args.work_dir or (DEFAULT_STORAGE if remote else args.storage.removeprefix("file://"))).resolve()
+    name, exp_dir = _experiment_dir(args, root)
+    args.ray_storage = args.storage if remote else str(root)
+    args.ray_experiment = join(args.storage, name) if remote else str(exp_dir)
+    return name, exp_dir
+
+
+def resume_command(args, name: str, exp_dir: Path) -> str:
+    """The command that continues this search."""
+    if args.ray_storage == str(exp_dir.parent):  # a path: Ray's state and rayuda's files in one folder
+        where = f"--storage {exp_dir.parent}"
+    else:
+        where = f"--storage {args.storage} --work-dir {exp_dir.parent}"
+    return f"python -m rayuda.tune {args.method} --resume --name {name} {where}"
 
 
 def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
@@ -478,6 +541,7 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     work_root = exp_dir / "work"
     cache_dir = Path(args.cache_dir).resolve() if args.cache_dir else exp_dir / "stage-cache"
     work_root.mkdir(parents=True, exist_ok=True)
+    write_dropped(plan["dropped"], work_root / DROPPED)
     for method, method_cfg in configs.items():
         save_config(method_cfg, exp_dir / ("base_config.yaml" if len(configs) == 1 else f"base_config-{method}.yaml"))
     uri = args.mlflow_uri  # on --resume: the one given now, else the one the search started with
@@ -489,16 +553,26 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     stopping = f"ASHA grace {plan['grace']}" if args.scheduler == "asha" else "no early stopping"
     print(f"rayuda.tune {args.method}: {len(space.knobs)} knobs from {space.source}; "
           f"{args.num_samples} trials × {max_iters} iterations, {args.sampler} sampler, {stopping}, "
-          f"selection metric {metric_name!r}; storage {exp_dir}; MLflow {uri}", flush=True)
+          f"selection metric {metric_name!r}; storage {args.ray_experiment}"
+          + (f", work folder {exp_dir}" if args.ray_experiment != str(exp_dir) else "") + f"; MLflow {uri}", flush=True)
+
+    from rayuda.storage import check_shared, write_markers
 
     ray.init(address=args.address, include_dashboard=False, configure_logging=False,
              log_to_driver=True, ignore_reinit_error=True)
+    write_markers([work_root, cache_dir], name)  # what every trial checks it can see (rayuda.storage)
+    try:
+        check_shared([work_root, cache_dir])  # on every node of the cluster, before any trial
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # rayuda's own state lives under work/: Ray re-uploads the experiment folder's top-level files it
     # restored on --resume when the search ends, which would roll them back to their old content
     record = work_root / "optuna_trials.json"
     if args.resume:
-        print(f"resuming search {name} from {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        print(f"resuming search {name} from {args.ray_experiment}", flush=True)
+        tuner = tune.Tuner.restore(args.ray_experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
     else:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -515,12 +589,12 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
             {"method": args.method, "methods": ",".join(configs), "num_samples": args.num_samples,
              "max_iters": max_iters, "grace": plan["grace"], "sampler": args.sampler, "scheduler": args.scheduler,
              "reduction_factor": args.reduction_factor, "selection_metric": metric_name,
-             "space": space.source}, str(work_root))
+             "space": space.source, "dropped_pairs": len(plan["dropped"])}, str(work_root))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=args.num_samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent), callbacks=[tracker],
+            run_config=tune.RunConfig(name=name, storage_path=args.ray_storage, callbacks=[tracker],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=args.max_failures)),
         )
@@ -530,6 +604,15 @@ def search(args, plan: dict[str, Any], name: str, exp_dir: Path) -> int:
     results = tuner.fit()
     expected = record_["num_samples"]
     return summarise(args, results, plan, exp_dir, name, uri, record, expected, None if args.no_confirm else setup)
+
+
+def write_dropped(dropped: list, path: Path) -> None:
+    """The bad pairs ``data.bad_pairs=skip`` drops, one ``image<TAB>label<TAB>reason`` line each (the search's
+    MLflow artifact); no file when none is dropped."""
+    if dropped:
+        path.write_text("".join(f"{p.image}\t{p.label}\t{p.reason}\n" for p in dropped))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fitting_trials(resources: dict[str, float], args) -> int | None:
@@ -573,7 +656,7 @@ def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
 def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri: str, record: Path, expected: int,
               confirm_setup: dict[str, Any] | None) -> int:
     """Trials table, the confirmation phase, best.yaml, parent-run artifacts and plots; 130 if interrupted."""
-    from rayuda.tracking import finish_search, threshold_tables
+    from rayuda.tracking import CHAMPION, finish_search, threshold_tables
 
     cfg = next(iter(plan["configs"].values()))
     rows = trials_table(results, exp_dir)
@@ -601,7 +684,11 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
         print(f"{count} of {len(rows)} trials failed: {reason}", file=sys.stderr)
     scored = [r for r in rows if not math.isnan(r["best_score"]) and r["outcome"] != "failed"]
     artifacts, metrics, tags = [table, *plots], {}, {}
+    if (exp_dir / "work" / DROPPED).is_file():  # data.bad_pairs=skip: which pairs every trial left out
+        artifacts.append(exp_dir / "work" / DROPPED)
+        tags["rayuda.dropped_pairs"] = str(len(plan["dropped"]))
     best_path = winner_dir = None
+    champion, description = False, None  # the registered version: alias champion only when confirmed
     if scored:
         top = scored[0]
         print(f"\nbest trial by selection: {top['trial']} ({metric} score {top['best_score']:.4f} on the selection "
@@ -609,6 +696,9 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
         metrics.update({"best/score": top["best_score"], "best/test_miou": top["test_miou"]})
         chosen, header = top["knobs"], [f"best trial by {metric} on the selection images: {top['trial']}"]
         winner_dir = exp_dir / "work" / "trials" / top["trial"]
+        description = (f"search {name}: trial {top['trial']}, the best by {metric} on the selection images; not "
+                       f"confirmed on fresh seeds ({'interrupted' if interrupted else '--no-confirm'}), so not "
+                       f"the {CHAMPION}")
         if confirm_setup is not None and not interrupted:
             import ray
 
@@ -636,6 +726,8 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
                     metrics[f"confirm/{slug}/gain"] = row["gain"]
             if outcome_["winner"] == DEFAULTS:
                 header.append("these are the paper defaults")
+            champion = True
+            description = champion_description(name, outcome_, outcome_["winner"] == DEFAULTS)
         best_cfg = config_for(plan["configs"], chosen)
         header += threshold_lines(winner_dir / "summary.json")
         artifacts += threshold_tables(winner_dir / "summary.json", exp_dir / "winner-thresholds")
@@ -655,7 +747,7 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
     finish_search(uri, f"rayuda-{args.method}", str(exp_dir), best_config=best_path, artifacts=artifacts,
                   metrics=metrics, tags=tags, status=status,
                   winner_dir=winner_dir if best_path and (winner_dir / "summary.json").exists() else None,
-                  register=args.register)
+                  register=args.register, champion=champion, description=description)
     from rayuda.tracking import client_for, ensure_experiment
 
     exp_id = ensure_experiment(client_for(uri), f"rayuda-{args.method}", uri)
@@ -664,13 +756,19 @@ def summarise(args, results, plan: dict[str, Any], exp_dir: Path, name: str, uri
     print(f"trials table → {table}\nMLflow: {where}/#/experiments/{exp_id}?workflowType=machine_learning "
           f"(the runs table; MLflow 3 opens on its GenAI view otherwise)")
     if interrupted:
-        print(f"search interrupted; continue it with: python -m rayuda.tune {args.method} --resume "
-              f"--name {name} --storage {exp_dir.parent}", file=sys.stderr)
+        print(f"search interrupted; continue it with: {resume_command(args, name, exp_dir)}", file=sys.stderr)
         return 130
     if all_failed:
         print(f"error: every trial failed (the first: {failed[0]['error']}); see {table}", file=sys.stderr)
         return 1
     return 0
+
+
+def champion_description(name: str, outcome: dict[str, Any], defaults: bool) -> str:
+    """The registered version's description of a confirmed winner: which config it is and the verdict."""
+    what = ("the paper defaults (no tuned config beat them: keep the defaults)" if defaults
+            else f"{outcome['winner']} (it beat the paper defaults)")
+    return f"search {name}, confirmed on fresh seeds: {what}. Verdict: {outcome['text']}"
 
 
 def threshold_lines(summary_path: Path) -> list[str]:

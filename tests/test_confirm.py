@@ -24,16 +24,31 @@ def test_split_is_deterministic_disjoint_and_stable_when_images_are_added():
     assert split_images(names, 0.0, seed=0) == (list(range(200)), [])
 
 
+def test_a_capped_selection_part_keeps_its_lowest_draws_and_hands_the_rest_to_the_test_part():
+    names = [f"img{i:03d}.png" for i in range(200)]
+    select, test = split_images(names, 0.5, seed=0)
+    capped, more_test = split_images(names, 0.5, seed=0, max_selection=30)
+    assert len(capped) == 30 and set(capped) < set(select) and set(test) < set(more_test)
+    assert sorted(capped + more_test) == list(range(200))
+    assert capped == split_images(names, 0.5, seed=0, max_selection=30)[0]  # deterministic
+    assert split_images(names, 0.5, seed=0, max_selection=len(select)) == (select, test)  # a cap not reached
+    with pytest.raises(ValueError, match="data.max_selection"):
+        split_images(names, 0.5, seed=0, max_selection=0)
+    with pytest.raises(ConfigError, match="data.max_selection"):
+        holdout_parts(resolve_config("advent", {"data.max_selection": -1}))
+
+
 def test_holdout_parts_split_labelled_images_and_refuse_an_empty_selection():
     cfg = resolve_config("advent")
     select, test = holdout_parts(cfg)
-    assert len(select) + len(test) == 100 and not set(select.indices) & set(test.indices)
+    assert len(select) + len(test) == 2000 and not set(select.indices) & set(test.indices)
+    assert len(select) == cfg["data"]["max_selection"] == 500  # the rest of the large holdout is test
     assert "WARNING" not in describe_holdout(cfg)
     small = resolve_config("advent", {"data.holdout": 20})
     assert "cannot separate candidates" in describe_holdout(small)
     label_free = resolve_config("advent", {"train.metric": "entropy"})
     select, test = holdout_parts(label_free)
-    assert len(select) == len(test) == 100  # every labelled image is test; the proxy needs no labels
+    assert len(select) == len(test) == 2000  # every labelled image is test; the proxy needs no labels
     with pytest.raises(ConfigError, match="selection part of the target holdout is empty"):
         holdout_parts(resolve_config("advent", {"data.holdout": 1, "data.test_fraction": 0.99}))
 

@@ -128,7 +128,7 @@ from rayuda.methods.base import SOURCE, TARGET  # noqa: E402
 
 class StubG(nn.Module):
     """G with learnable logits (plus the image's first C channels, so source and target maps differ), an
-    ``aux`` level when ``multi_level``, and learnable feature maps ``layer2``..``layer4`` scaled by the image."""
+    ``aux`` level when ``multi_level``, and learnable feature maps ``layer1``..``layer4`` scaled by the image."""
 
     def __init__(self, num_classes: int = 2, multi_level: bool = False, size=(2, 2), channels=(3, 4, 5)):
         super().__init__()
@@ -138,6 +138,8 @@ class StubG(nn.Module):
         self.z_aux = nn.Parameter(torch.randn(1, num_classes, *size, generator=gen)) if multi_level else None
         self.feats = nn.ParameterDict({f"layer{i + 2}": nn.Parameter(torch.randn(1, c, *size, generator=gen))
                                        for i, c in enumerate(channels)})
+        # layer1 (CRAM's default style layer since issue 23), drawn last so layer2..layer4 keep their values
+        self.feats["layer1"] = nn.Parameter(torch.randn(1, 2, *size, generator=gen))
 
     @property
     def feature_channels(self):

@@ -281,3 +281,38 @@ def test_model_uri_without_a_store_is_one_error_line(folder, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {store}: no MLflow store there to find models:/rayuda-cram/latest in " \
                                       "(see --mlflow-uri)\n"
     assert not store.exists()
+
+
+def test_the_champion_alias_names_the_confirmed_version_and_predict_leaves_mlflows_globals_alone(
+        trained, folder, tmp_path):
+    import mlflow
+
+    from rayuda.tracking import CHAMPION, client_for, ensure_experiment, log_winner_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    run_id = client.create_run(ensure_experiment(client, "rayuda-source_only", uri)).info.run_id
+    described = "search s, confirmed on fresh seeds: the paper defaults (keep the defaults)"
+    confirmed = log_winner_model(uri, run_id, trained, alias=CHAMPION, description=described)
+    assert confirmed == "models:/rayuda-source_only/1"
+    assert log_winner_model(uri, run_id, trained) == "models:/rayuda-source_only/2"  # unconfirmed: the alias stays
+    version = client.get_model_version_by_alias("rayuda-source_only", CHAMPION)
+    assert str(version.version) == "1" and "keep the defaults" in version.description
+
+    decoy = f"sqlite:///{tmp_path}/decoy.db"  # what some other code pinned globally
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(decoy)
+    mlflow.set_registry_uri(decoy)
+    try:
+        assert main(["models:/rayuda-source_only@champion", "--mlflow-uri", uri, "--images", str(folder),
+                     "--out", str(tmp_path / "pred")]) == 0
+        assert main(["models:/rayuda-source_only/latest", "--mlflow-uri", uri, "--images", str(folder),
+                     "--out", str(tmp_path / "latest")]) == 0
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (decoy, decoy)
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    assert not (tmp_path / "decoy.db").exists()  # nothing went through the global store
+    assert main([str(trained), "--images", str(folder), "--out", str(tmp_path / "run")]) == 0
+    for name in sorted(p.name for p in (tmp_path / "run" / "labels").iterdir()):
+        assert np.array_equal(read(tmp_path / "pred" / "labels" / name), read(tmp_path / "run" / "labels" / name))

@@ -121,7 +121,8 @@ def test_a_diverging_run_stops_at_the_bad_iteration_with_one_error_line(tmp_path
     line = error_lines(proc)[0]
     assert "stage minent" in line and "at iteration" in line and "Traceback" not in proc.stderr
     iteration = int(line.split("at iteration ")[1].split()[0])
-    log = tmp_path / "c" / next(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".minent-"))
+    log = tmp_path / "c" / next(p.name for p in (tmp_path / "c").iterdir()
+                                if p.name.startswith(".minent-") and p.name.endswith(".partial"))
     rows = [json.loads(x) for x in (log / "log.jsonl").read_text().splitlines()]
     assert max(r["iteration"] for r in rows) <= iteration  # nothing logged past the divergence
 

@@ -25,6 +25,10 @@ Layouts (``PATH`` is the dataset root):
 - ``minicity``: generated on first use (:func:`rayuda.data.minicity.ensure_minicity`); the ``role``
   picks the rendering (``source`` → GTA5 layout, ``target`` → Cityscapes layout), ``minicity:source`` /
   ``minicity:target`` force one.
+- ``minicity:NAME`` (``dusk``, ``fog``, ``suburb``, ``suburb-dusk``; :data:`rayuda.data.minicity.VARIANTS`):
+  the target rendering (Cityscapes layout) of a named target city, whatever the role: as ``--target`` a
+  new target, as ``--source`` its oracle (trained on its target-train labels, as ``minicity:target`` is
+  the default's).
 
 GTA5 and SYNTHIA have no split folders: both ``train`` and ``val`` give all their images.
 """
@@ -32,6 +36,7 @@ GTA5 and SYNTHIA have no split folders: both ``train`` and ``val`` give all thei
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +50,7 @@ from rayuda.data.labels import (
     IGNORE,
     SYNTHIA_NUM_IDS,
     DatasetError,
+    PairSizeError,
     cityscapes_ids,
     cityscapes_lut,
     class_names,
@@ -55,8 +61,11 @@ from rayuda.data.transforms import Transform
 
 SPLITS = ("train", "val")
 ROLES = ("source", "target")
-SPECS = ("minicity", "minicity:source", "minicity:target", "gta5:PATH", "synthia:PATH", "cityscapes:PATH",
-         "folder:PATH")
+#: The names of :data:`rayuda.data.minicity.VARIANTS` (spelled out: importing that module here would make
+#: ``python -m rayuda.data.minicity`` import it twice; a test checks that the two agree).
+MINICITY_VARIANTS = ("dusk", "fog", "suburb", "suburb-dusk")
+SPECS = ("minicity", "minicity:source", "minicity:target", *(f"minicity:{name}" for name in MINICITY_VARIANTS),
+         "gta5:PATH", "synthia:PATH", "cityscapes:PATH", "folder:PATH")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -192,9 +201,9 @@ class SegmentationDataset(Dataset):
         if label_path is not None:
             raw = _read_label(label_path, self._first_channel)
             if raw.shape != (image.height, image.width):
-                raise DatasetError(
+                raise PairSizeError(
                     f"{label_path}: label is {raw.shape[1]}x{raw.shape[0]} pixels but image {image_path} "
-                    f"is {image.width}x{image.height}"
+                    f"is {image.width}x{image.height}", (image.width, image.height), (raw.shape[1], raw.shape[0])
                 )
             label = self.train_ids(raw, label_path)
         return image, label
@@ -248,13 +257,18 @@ def _pair(
 
 
 def _by_stem(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    """Files of ``directory`` with one of ``suffixes`` (case-insensitive), keyed by stem, sorted."""
+    """Files of ``directory`` with one of ``suffixes`` (case-insensitive), keyed by stem, sorted by name. One
+    directory read, no ``stat`` per file (``os.scandir``) and names sorted as strings: a run opens its datasets
+    several times, and the stock GTA5 holds 25,000 images (docs/BENCHMARKS.md §17)."""
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith(".")
+                       and os.path.splitext(e.name)[1].lower() in suffixes and e.is_file())
     found: dict[str, Path] = {}
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in suffixes:
-            if path.stem in found:
-                raise DatasetError(f"{path}: two files share the stem of {found[path.stem]}")
-            found[path.stem] = path
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        if stem in found:
+            raise DatasetError(f"{directory / name}: two files share the stem of {found[stem]}")
+        found[stem] = directory / name
     return found
 
 
@@ -379,6 +393,20 @@ def with_pseudo_labels(dataset: SegmentationDataset, label_dir: Path, names: lis
                                ids=f"train ids ({what})", transform=dataset.transform, seed=dataset.seed)
 
 
+def _minicity(spec: str, rendering: str) -> tuple[Callable[..., SegmentationDataset], Path]:
+    """Opener and path of minicity's ``source`` / ``target`` rendering, or of a variant's target."""
+    from rayuda.data import minicity
+
+    if rendering in minicity.VARIANTS:
+        return open_cityscapes, Path(minicity.ensure_minicity(variant=rendering)) / "target"
+    if rendering not in ROLES:
+        valid = ", ".join(f"minicity:{name}" for name in (*ROLES, *minicity.VARIANTS))
+        raise DatasetError(f"dataset spec {spec!r} is not valid: minicity has no rendering or variant "
+                           f"{rendering!r}; valid: minicity, {valid}")
+    opener = open_gta5 if rendering == "source" else open_cityscapes
+    return opener, Path(minicity.ensure_minicity()) / rendering
+
+
 _OPENERS = {"gta5": open_gta5, "synthia": open_synthia, "cityscapes": open_cityscapes, "folder": open_folder}
 
 
@@ -393,7 +421,7 @@ def open_dataset(
 ) -> SegmentationDataset:
     """Open the dataset a spec names (see the module docstring) for ``split`` ("train" / "val").
 
-    ``role`` ("source" / "target") only matters for ``minicity``; ``seed`` seeds the augmentation.
+    ``role`` ("source" / "target") only matters for plain ``minicity``; ``seed`` seeds the augmentation.
     """
     if split not in SPLITS:
         raise DatasetError(f"split {split!r} is not valid; valid splits: {', '.join(SPLITS)}")
@@ -402,14 +430,7 @@ def open_dataset(
     class_names(protocol)  # validates the protocol before touching the disk
     kind, _, arg = str(spec).partition(":")
     if kind == "minicity":
-        rendering = arg or role
-        if rendering not in ROLES:
-            raise DatasetError(f"dataset spec {spec!r} is not valid; valid specs: {', '.join(SPECS)}")
-        from rayuda.data.minicity import ensure_minicity
-
-        root = Path(ensure_minicity())
-        opener = open_gta5 if rendering == "source" else open_cityscapes
-        path = root / rendering
+        opener, path = _minicity(spec, arg or role)
     elif kind in _OPENERS:
         if not arg:
             raise DatasetError(f"dataset spec {spec!r} needs a path, e.g. {kind}:/data/{kind}")

@@ -42,6 +42,15 @@ class DatasetError(ValueError):
     """Bad dataset input; the one-line message names the file or directory at fault."""
 
 
+class PairSizeError(DatasetError):
+    """An image and its label that decode fine but differ in size (the stock GTA5 has such pairs); what
+    ``data.bad_pairs`` decides about (:mod:`rayuda.data.verify`). ``image_size``/``label_size``: (W, H)."""
+
+    def __init__(self, message: str, image_size: tuple[int, int], label_size: tuple[int, int]):
+        super().__init__(message)
+        self.image_size, self.label_size = tuple(image_size), tuple(label_size)
+
+
 def _check_protocol(protocol: int) -> int:
     if protocol not in PROTOCOLS:
         valid = ", ".join(map(str, PROTOCOLS))

@@ -29,11 +29,29 @@ Layouts written by :func:`generate` (label PNGs are 8-bit grayscale Cityscapes l
 Knobs (:class:`MinicityConfig`): ``seed`` (default 0) seeds every image through
 ``numpy.random.default_rng([seed, domain, split, index])``, so the same config gives byte-identical
 files; ``height`` × ``width`` (64 × 128); ``source_images`` (600), ``target_train`` (600), ``target_val``
-(100); ``gap`` (0.5), the strength of the appearance shift; ``frequency_shift`` (0.5), how much class
-frequencies differ; ``shape_shift`` (0.5), how much layout and object proportions differ.
+(2000: with ``data.max_selection`` 500 selection and about 1,500 test images, so that one model's test mIoU moves
+by under 0.2 points between image draws, docs/BENCHMARKS.md §16); ``gap`` (0.5), the strength of the appearance shift;
+``frequency_shift`` (0.5), how much class frequencies differ; ``shape_shift`` (0.5), how much layout and
+object proportions differ. Target-only knobs, off by default: the target's weather and light
+(``illumination``, ``contrast``, ``haze``, ``tint``, ``noise``) and its city (``target_rare``,
+``target_green``, ``target_road``, ``target_horizon``).
+
+**Variants** (:data:`VARIANTS`): named target cities where the paper defaults may be wrong. A variant sets
+target-only knobs, so its source would be exactly the default source: its directory holds only the
+target part (``source_images=0``), and its image counts follow :class:`MinicityConfig`'s defaults.
+
+- ``dusk``: the default target's scenes at dusk: dark, low contrast, a blue cast, strong sensor noise.
+- ``fog``: the default target's scenes in fog: haze thickening towards the horizon, low contrast.
+- ``suburb``: another city (class-frequency and layout shift): persons, poles (so traffic signs), buses and
+  fences 2.5-5× rarer (pixel shares), wider roads, more vegetation and terrain, lower buildings, a lower horizon.
+- ``suburb-dusk``: ``suburb`` at dusk, both shifts at once.
+
+The appearance variants keep the target world, so they draw the same scenes (same label maps) as the
+default target, a paired comparison where only the look changes; ``suburb`` draws new scenes.
 
 :func:`ensure_minicity` generates on first use into ``$RAYUDA_CACHE/minicity-<config hash>`` (default
-``~/.cache/rayuda``). Command line: ``python -m rayuda.data.minicity --out DIR [--seed S] [--gap G] ...``.
+``~/.cache/rayuda``); ``ensure_minicity(variant="suburb")`` does the same for a variant. Command line:
+``python -m rayuda.data.minicity --out DIR [--variant NAME] [--seed S] [--gap G] ...``.
 """
 
 from __future__ import annotations
@@ -47,7 +65,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +103,19 @@ _TEXTURE = np.array([0.12, 0.1, 0.14, 0.1, 0.05, 0.05, 0.4, 0.3, 0.03, 0.1, 0.06
                     dtype=np.float32)
 
 
+#: Allowed range of each numeric knob (integers are checked apart).
+_RANGES = {
+    "gap": (0.0, 1.0), "frequency_shift": (0.0, 1.0), "shape_shift": (0.0, 1.0),
+    "illumination": (0.1, 2.0), "contrast": (0.1, 2.0), "haze": (0.0, 1.0), "tint": (-1.0, 1.0),
+    "noise": (0.0, 5.0), "target_rare": (0.0, 4.0), "target_green": (0.0, 1.0), "target_road": (0.5, 2.0),
+    "target_horizon": (-0.15, 0.15),
+}  # fmt: skip
+#: Knobs added after version 1: :meth:`MinicityConfig.to_dict` lists them only when they differ from their
+#: defaults, so a config that leaves them alone keeps its hash (cache directory) and ``minicity.json``.
+_LATER_KNOBS = ("illumination", "contrast", "haze", "tint", "noise", "target_rare", "target_green",
+                "target_road", "target_horizon")
+
+
 @dataclass(frozen=True)
 class MinicityConfig:
     """Generator knobs; :meth:`key` hashes them (with :data:`VERSION`) into the cache directory name.
@@ -92,7 +123,8 @@ class MinicityConfig:
     - ``seed``: generation seed (default 0); image ``i`` of a domain/split is drawn from
       ``default_rng([seed, domain, split, i])`` and the target palette permutation from ``seed``.
     - ``height``, ``width``: image size in pixels.
-    - ``source_images``, ``target_train``, ``target_val``: image counts (source has no split).
+    - ``source_images``, ``target_train``, ``target_val``: image counts (source has no split);
+      ``source_images`` may be 0 (a target-only directory, as for the :data:`VARIANTS`).
     - ``gap`` in [0, 1]: strength of the appearance shift. Palette permutation and desaturation, texture
       and sensor noise, lighting gradient, colour cast, shadows and blur all scale with it; 0 renders the
       target like the source. A CPU probe (ResNet-18 to layer3 from scratch, 600 SGD steps of batch 8,
@@ -102,6 +134,25 @@ class MinicityConfig:
     - ``frequency_shift`` in [0, 1]: how much class frequencies differ (0: the same world model).
     - ``shape_shift`` in [0, 1]: how much layout (horizon, road and sidewalk widths, building heights) and
       object proportions (cars, persons) differ between the domains.
+
+    Target rendering only (weather and light; the defaults change nothing):
+
+    - ``illumination`` in [0.1, 2] (1): scene brightness factor.
+    - ``contrast`` in [0.1, 2] (1): contrast about each image's mean.
+    - ``haze`` in [0, 1] (0): fog, the weight of a pale haze colour, highest at the horizon row and
+      fading above and below it (the sky takes it fully).
+    - ``tint`` in [-1, 1] (0): colour cast, warm (red up, blue down) above 0, blue below.
+    - ``noise`` in [0, 5] (1): factor on the target's grain and sensor noise.
+
+    Target world only (another city; the defaults change nothing):
+
+    - ``target_rare`` in [0, 4] (1): factor on the mean counts of persons, poles (and so traffic signs)
+      and buses, and on the fence probability.
+    - ``target_green`` in [0, 1] (0): turns building blocks into vegetation and open blocks, adds grass
+      verges and trees, lowers the buildings.
+    - ``target_road`` in [0.5, 2] (1): factor on the road width.
+    - ``target_horizon`` in [-0.15, 0.15] (0): shift of the mean horizon row, a fraction of the height
+      (above 0: lower in the image, more sky).
     """
 
     seed: int = 0
@@ -109,10 +160,19 @@ class MinicityConfig:
     width: int = 128
     source_images: int = 600
     target_train: int = 600
-    target_val: int = 100
+    target_val: int = 2000
     gap: float = 0.5
     frequency_shift: float = 0.5
     shape_shift: float = 0.5
+    illumination: float = 1.0
+    contrast: float = 1.0
+    haze: float = 0.0
+    tint: float = 0.0
+    noise: float = 1.0
+    target_rare: float = 1.0
+    target_green: float = 0.0
+    target_road: float = 1.0
+    target_horizon: float = 0.0
 
     def __post_init__(self):
         for name in ("seed", "height", "width", "source_images", "target_train", "target_val"):
@@ -121,12 +181,13 @@ class MinicityConfig:
                 raise ValueError(f"minicity knob {name} must be an integer, got {value!r}")
         if self.height < 16 or self.width < 16:
             raise ValueError(f"minicity images must be at least 16x16 pixels, got {self.width}x{self.height}")
-        if min(self.source_images, self.target_train, self.target_val) < 1:
-            raise ValueError("minicity image counts (source_images, target_train, target_val) must be >= 1")
-        for name in ("gap", "frequency_shift", "shape_shift"):
+        if self.source_images < 0 or min(self.target_train, self.target_val) < 1:
+            raise ValueError("minicity image counts must be >= 1 (target_train, target_val) and >= 0 "
+                             "(source_images)")
+        for name, (lo, hi) in _RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"minicity knob {name} must be a number in [0, 1], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+                raise ValueError(f"minicity knob {name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
             object.__setattr__(self, name, float(value))
 
     @property
@@ -135,12 +196,48 @@ class MinicityConfig:
         return self.source_images + self.target_train + self.target_val
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The knobs, without the later knobs left at their defaults (see :data:`_LATER_KNOBS`)."""
+        defaults = {f.name: f.default for f in fields(MinicityConfig)}
+        return {k: v for k, v in asdict(self).items() if k not in _LATER_KNOBS or v != defaults[k]}
 
     def key(self) -> str:
         """Short hash of the knobs and the generator version."""
         text = json.dumps({"version": VERSION, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named target city (module docstring): ``knobs`` set over :class:`MinicityConfig`'s defaults, all of
+    them target-only; ``summary`` says what shift it is."""
+
+    summary: str
+    knobs: tuple[tuple[str, float], ...]
+
+    def config(self, **overrides) -> MinicityConfig:
+        """The variant's config: no source images, the default image counts, ``overrides`` last."""
+        return MinicityConfig(**{"source_images": 0, **dict(self.knobs), **overrides})
+
+
+_DUSK = (("illumination", 0.5), ("contrast", 0.65), ("tint", -0.5), ("noise", 2.5))
+_SUBURB = (("target_rare", 0.3), ("target_green", 0.6), ("target_road", 1.35), ("target_horizon", 0.06))
+#: The named variants (``minicity:NAME`` dataset specs). Changing a variant's knobs regenerates its data (a
+#: new config hash), but the stage cache keys runs on the spec string and would not notice: add a new name.
+VARIANTS = {
+    "dusk": Variant("appearance: dark, low contrast, blue cast, strong noise (same scenes)", _DUSK),
+    "fog": Variant("appearance: haze thickening towards the horizon, low contrast (same scenes)",
+                   (("haze", 0.75), ("contrast", 0.75))),
+    "suburb": Variant("class frequencies and layout: rare classes 2.5-5x rarer, wide roads, green, low horizon",
+                      _SUBURB),
+    "suburb-dusk": Variant("both: suburb at dusk", _SUBURB + _DUSK),
+}
+
+
+def variant_config(name: str, **overrides) -> MinicityConfig:
+    """The config of variant ``name`` (``ValueError`` listing the valid names if there is none)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown minicity variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name].config(**overrides)
 
 
 # ------------------------------------------------------------------------------------------- world model
@@ -167,25 +264,43 @@ class _World:
 
 
 def _world(domain: str, cfg: MinicityConfig) -> _World:
-    """The source world leans one way and the target the other, by the frequency and shape knobs."""
+    """The source world leans one way and the target the other, by the frequency and shape knobs; the
+    target-only knobs then move the target (:func:`_target_city`)."""
     f = cfg.frequency_shift * (1 if domain == "source" else -1)
     s = cfg.shape_shift * (-0.5 if domain == "source" else 0.5)
     veg = 0.2 * (1 - 0.6 * f)
     build = 0.55 * (1 - 0.15 * f)
-    return _World(
+    world = _World(
         horizon=0.42 + 0.08 * s, road=1.45 * (1 - 0.35 * s), sidewalk=0.55 * (1 + 0.5 * s),
         verge_p=0.35 * (1 - 0.6 * f), building_h=5.5 * (1 + 0.4 * s),
         facade=(build, veg, 1 - build - veg), cars=3.0 * (1 + 0.7 * f), buses=0.35 * (1 + 0.8 * f),
         persons=2.5 * (1 + 0.7 * f), poles=2.0 * (1 + 0.5 * f), trees=1.6 * (1 - 0.7 * f),
         fence_p=0.35 * (1 - 0.3 * f), car_aspect=1 - 0.2 * s, person_h=1.12 * (1 + 0.15 * s),
     )  # fmt: skip
+    return world if domain == "source" else _target_city(world, cfg)
+
+
+def _target_city(world: _World, cfg: MinicityConfig) -> _World:
+    """The target world moved by the target-only city knobs (unchanged at their defaults)."""
+    rare, green = cfg.target_rare, cfg.target_green
+    build, veg, _ = world.facade
+    greener = build * (1 - 0.7 * green)  # building blocks turned: 60 % to vegetation, the rest open
+    veg += (build - greener) * 0.6
+    return replace(
+        world, horizon=world.horizon + cfg.target_horizon, road=world.road * cfg.target_road,
+        verge_p=world.verge_p + (1 - world.verge_p) * 0.8 * green, building_h=world.building_h * (1 - 0.4 * green),
+        facade=(greener, veg, 1 - greener - veg), buses=world.buses * rare, persons=world.persons * rare,
+        poles=world.poles * rare, trees=world.trees * (1 + green), fence_p=world.fence_p * rare,
+    )  # fmt: skip
 
 
 class _Canvas:
-    """Label, detail and instance maps of one scene, plus each instance's random paint and brightness."""
+    """Label, detail and instance maps of one scene, plus each instance's random paint and brightness and
+    the horizon row."""
 
     def __init__(self, rng: np.random.Generator, h: int, w: int):
         self.rng, self.h, self.w = rng, h, w
+        self.horizon = h / 2
         self.label = np.full((h, w), SKY, np.uint8)
         self.detail = np.zeros((h, w), np.uint8)
         self.inst = np.zeros((h, w), np.uint8)
@@ -250,7 +365,7 @@ def _scene(rng: np.random.Generator, h: int, w: int, world: _World, ego: bool) -
     ``q = h / Z`` (pixels per camera height at that depth); everything at depth Z scales with q.
     """
     cv = _Canvas(rng, h, w)
-    yh = h * float(np.clip(world.horizon + rng.normal(0, 0.035), 0.25, 0.6))
+    yh = cv.horizon = h * float(np.clip(world.horizon + rng.normal(0, 0.035), 0.25, 0.6))
     xv = w * rng.uniform(0.38, 0.62)
     ys, xs = np.arange(h)[:, None] + 0.5, np.arange(w)[None, :] + 0.5
     dy = ys - yh
@@ -445,12 +560,31 @@ def target_palette(config: MinicityConfig) -> np.ndarray:
     return pal
 
 
-def _render(rng: np.random.Generator, cv: _Canvas, domain: str, palette: np.ndarray, gap: float
+def _weather(rng: np.random.Generator, img: np.ndarray, cv: _Canvas, cfg: MinicityConfig) -> np.ndarray:
+    """The target's weather and light knobs (haze, illumination, contrast, tint), before the camera's blur
+    and noise. Draws from ``rng`` only when haze is on."""
+    if cfg.haze > 0:
+        rows = np.abs(np.arange(cv.h) + 0.5 - cv.horizon)[:, None] / cv.h
+        weight = cfg.haze * np.where(cv.label == SKY, 1.0, np.exp(-5 * rows))
+        haze = np.array((198, 202, 206), np.float32) * (1 + 0.04 * _noise2d(rng, cv.h, cv.w, 12.0))[..., None]
+        img += (haze - img) * weight[..., None]
+    if cfg.illumination != 1:
+        img *= cfg.illumination
+    if cfg.contrast != 1:
+        mean = img.mean((0, 1), keepdims=True)
+        img = mean + (img - mean) * cfg.contrast
+    if cfg.tint != 0:
+        img *= np.array((1 + 0.25 * cfg.tint, 1, 1 - 0.25 * cfg.tint), np.float32)
+    return img
+
+
+def _render(rng: np.random.Generator, cv: _Canvas, domain: str, palette: np.ndarray, cfg: MinicityConfig
             ) -> np.ndarray:
-    """Colour a scene: class palette, instance paints, details, then the domain's camera effects."""
+    """Colour a scene: class palette, instance paints, details, then the domain's camera effects (and, in
+    the target, the weather and light knobs)."""
     h, w = cv.h, cv.w
     target = domain == "target"
-    g = gap if target else 0.0
+    g = cfg.gap if target else 0.0
     paints = _hsv_to_rgb(np.stack(cv.paints) * [1, 0.5, 0.45] + [0, 0.5, 0.55]).astype(np.float32)
     if target:
         paints = _desaturate(paints, 0.6 * g) * (1 - 0.25 * g)
@@ -481,8 +615,10 @@ def _render(rng: np.random.Generator, cv: _Canvas, domain: str, palette: np.ndar
             ys, xs = np.arange(h)[:, None] / h - 0.5, np.arange(w)[None, :] / w - 0.5
             edge = np.clip((np.cos(ang) * xs + np.sin(ang) * ys - off) * 12, 0, 1)
             img *= 1 - 0.35 * g * edge[..., None]
+        img = _weather(rng, img, cv, cfg)
         img += (_blur(img) - img) * g  # a small blur
-        img += rng.normal(0, 9 * g, (h, w, 1)) + rng.normal(0, 4 * g, (h, w, 3))  # grain and sensor noise
+        n = cfg.noise
+        img += rng.normal(0, 9 * g * n, (h, w, 1)) + rng.normal(0, 4 * g * n, (h, w, 3))  # grain, sensor noise
     else:
         img += rng.normal(0, 1.5, (h, w, 3))
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
@@ -512,10 +648,11 @@ def _frequencies(counts: np.ndarray) -> dict[str, float]:
     return {name: round(float(counts[i]) / total, 5) for i, (name, _) in enumerate(CLASSES)}
 
 
-def generate(out_dir: str | Path, config: MinicityConfig | None = None) -> dict:
+def generate(out_dir: str | Path, config: MinicityConfig | None = None, variant: str | None = None) -> dict:
     """Write both renderings into ``out_dir`` (module docstring) and return ``minicity.json``'s content.
 
-    ``minicity.json`` is written last, so its presence marks a complete dataset.
+    ``minicity.json`` is written last, so its presence marks a complete dataset; ``variant`` (a name in
+    :data:`VARIANTS`, for the record) is written into it when given.
     """
     config = config or MinicityConfig()
     out = Path(out_dir)
@@ -528,7 +665,7 @@ def generate(out_dir: str | Path, config: MinicityConfig | None = None) -> dict:
         rng = np.random.default_rng([config.seed, codes[domain], codes[split], i])
         ego = domain == "target" and rng.random() < 0.4
         cv = _scene(rng, h, w, worlds[domain], ego)
-        image = _render(rng, cv, domain, palettes[domain], config.gap)
+        image = _render(rng, cv, domain, palettes[domain], config)
         counts[domain] += np.bincount(cv.label.ravel(), minlength=len(CLASSES) + 1)
         image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path.parent.mkdir(parents=True, exist_ok=True)
@@ -543,8 +680,10 @@ def generate(out_dir: str | Path, config: MinicityConfig | None = None) -> dict:
                    "target/val": config.target_val},
         "size": [h, w],
         "pixel_frequencies": {d: _frequencies(counts[d]) for d in DOMAINS},
-        "unlabelled_fraction": {d: round(float(counts[d][VOID] / counts[d].sum()), 5) for d in DOMAINS},
+        "unlabelled_fraction": {d: round(float(counts[d][VOID] / max(counts[d].sum(), 1)), 5) for d in DOMAINS},
     }
+    if variant is not None:
+        meta = {"name": meta.pop("name"), "variant": variant, **meta}
     (out / "minicity.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -581,20 +720,22 @@ def _is_complete(root: Path, config: MinicityConfig) -> bool:
     return meta.get("version") == VERSION and meta.get("config") == config.to_dict()
 
 
-def ensure_minicity(root: str | Path | None = None, **knobs) -> Path:
+def ensure_minicity(root: str | Path | None = None, *, variant: str | None = None, **knobs) -> Path:
     """The minicity directory for these knobs (see :class:`MinicityConfig`), generated on first use.
 
-    ``root`` defaults to ``$RAYUDA_CACHE/minicity-<config hash>``. Generation runs under an exclusive
-    file lock (concurrent callers wait and then reuse the result) into a temporary directory that is
-    renamed into place, so a reader never sees a half-written dataset. An existing ``root`` holding
-    something else raises ``ValueError``.
+    ``variant`` names one of :data:`VARIANTS`: its knobs (target only, no source images, the default image
+    counts) come first and ``knobs`` override them. ``root`` defaults to
+    ``$RAYUDA_CACHE/minicity-<config hash>``. Generation runs under an exclusive file lock (concurrent
+    callers wait and then reuse the result) into a temporary directory that is renamed into place, so a
+    reader never sees a half-written dataset. An existing ``root`` holding something else raises
+    ``ValueError``.
     """
     names = {f.name for f in fields(MinicityConfig)}
     unknown = sorted(set(knobs) - names)
     if unknown:
         valid = ", ".join(sorted(names))
         raise ValueError(f"unknown minicity knob(s) {', '.join(unknown)}; valid knobs: {valid}")
-    config = MinicityConfig(**knobs)
+    config = variant_config(variant, **knobs) if variant is not None else MinicityConfig(**knobs)
     root = Path(root).expanduser() if root is not None else cache_root() / f"minicity-{config.key()}"
     if _is_complete(root, config):
         return root
@@ -608,9 +749,9 @@ def ensure_minicity(root: str | Path | None = None, **knobs) -> Path:
                              "remove it or choose another directory")
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
-            print(f"generating minicity ({config.total_images} images) into {root}",
-                  file=sys.stderr, flush=True)
-            generate(tmp, config)
+            what = "minicity" if variant is None else f"minicity variant {variant}"
+            print(f"generating {what} ({config.total_images} images) into {root}", file=sys.stderr, flush=True)
+            generate(tmp, config, variant)
             if root.exists():
                 root.rmdir()
             os.replace(tmp, root)
@@ -627,26 +768,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rayuda.data.minicity",
                                      description="Generate the minicity benchmark into a directory.")
     parser.add_argument("--out", required=True, help="output directory (files in it are overwritten)")
+    parser.add_argument("--variant", choices=list(VARIANTS),
+                        help="a named target city (target only; the knobs below override its own)")
     defaults = MinicityConfig()
     for f in fields(MinicityConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                            default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
+                            default=argparse.SUPPRESS, help=f"(default {getattr(defaults, f.name)})")
     args = vars(parser.parse_args(argv))
-    out = Path(args.pop("out"))
+    out, variant = Path(args.pop("out")), args.pop("variant")
     try:
-        config = MinicityConfig(**args)
+        config = variant_config(variant, **args) if variant else MinicityConfig(**args)
     except ValueError as exc:
         parser.error(str(exc))
     start = time.perf_counter()
-    meta = generate(out, config)
+    meta = generate(out, config, variant)
     seconds = time.perf_counter() - start
-    print(f"minicity v{VERSION} in {out} ({seconds:.1f} s): {config.source_images} source images, "
+    what = f"minicity v{VERSION}" + (f" variant {variant}" if variant else "")
+    print(f"{what} in {out} ({seconds:.1f} s): {config.source_images} source images, "
           f"{config.target_train} target train + {config.target_val} target val, "
           f"{config.width}x{config.height} pixels")
     freqs = meta["pixel_frequencies"]
-    print(f"{'class (id)':<20}{'source':>9}{'target':>9}")
+    domains = [d for d in DOMAINS if d == "target" or config.source_images]
+    print(f"{'class (id)':<20}" + "".join(f"{d:>9}" for d in domains))
     for name, cid in CLASSES:
-        print(f"{f'{name} ({cid})':<20}{freqs['source'][name]:>9.2%}{freqs['target'][name]:>9.2%}")
+        print(f"{f'{name} ({cid})':<20}" + "".join(f"{freqs[d][name]:>9.2%}" for d in domains))
     return 0
 
 

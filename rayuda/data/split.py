@@ -13,17 +13,34 @@ from collections.abc import Sequence
 SMALL_TEST = 30
 
 
+def image_draw(name: str, seed: int) -> float:
+    """Image ``name``'s seeded hash, read as a number in [0, 1)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_test_image(name: str, test_fraction: float, seed: int) -> bool:
     """Whether image ``name`` belongs to the test part: its hash, read as a number in [0, 1), is below
     ``test_fraction``."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+    return image_draw(name, seed) < test_fraction
 
 
-def split_images(names: Sequence[str], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of ``names`` in the selection part and in the test part."""
+def split_images(names: Sequence[str], test_fraction: float, seed: int,
+                 max_selection: int | None = None) -> tuple[list[int], list[int]]:
+    """Indices of ``names`` in the selection part and in the test part.
+
+    ``max_selection`` caps the selection part: its images with the highest draws beyond the cap join the test
+    part. The selection part is scored at every evaluation of every trial, the test part once per run, so on a
+    large labelled holdout the images buy most as test images (``data.max_selection``).
+    """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"data.test_fraction must lie in [0, 1), got {test_fraction}")
-    test = [i for i, name in enumerate(names) if is_test_image(name, test_fraction, seed)]
-    chosen = set(test)
-    return [i for i in range(len(names)) if i not in chosen], test
+    if max_selection is not None and (isinstance(max_selection, bool) or not isinstance(max_selection, int)
+                                      or max_selection < 1):
+        raise ValueError(f"data.max_selection must be an int ≥ 1 or null, got {max_selection!r}")
+    draws = [image_draw(name, seed) for name in names]
+    select = [i for i, d in enumerate(draws) if d >= test_fraction]
+    if max_selection is not None and len(select) > max_selection:
+        select = sorted(sorted(select, key=lambda i: draws[i])[:max_selection])
+    chosen = set(select)
+    return select, [i for i in range(len(names)) if i not in chosen]

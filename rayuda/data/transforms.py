@@ -207,3 +207,30 @@ class Transform:
             return sample
         return {"image": F.pad(sample["image"], [0, 0, pad_w, pad_h], fill=0),
                 "label": F.pad(sample["label"], [0, 0, pad_w, pad_h], fill=IGNORE)}
+
+
+class OwnLabelSize:
+    """Evaluation at each label's own resolution — the papers' protocol and ``rayuda.predict``'s: the image as G
+    sees it at evaluation (resized to ``size`` when set, G's preprocessing), the label left at the file's size, so
+    the logits are upsampled to it (``data.eval_protocol: label``). No randomness. An unlabelled image gets an
+    all-ignore label of its own size. Items of different label sizes cannot share a batch: evaluation runs one
+    image at a time (:attr:`keeps_label_size`)."""
+
+    random = False
+    keeps_label_size = True
+
+    def __init__(self, size: int | Sequence[int] | None = None, preprocessing: str = "imagenet"):
+        self.transform = Transform(size=size, preprocessing=preprocessing)
+        self.size, self.preprocessing = self.transform.size, preprocessing
+
+    def __repr__(self) -> str:
+        return f"OwnLabelSize(size={self.size}, preprocessing={self.preprocessing!r})"
+
+    def __call__(self, image: Image.Image, label: np.ndarray | None = None, rng: Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        img, _ = self.transform(image)
+        if label is None:
+            return img, torch.full((image.height, image.width), IGNORE, dtype=torch.int64)
+        if label.shape != (image.height, image.width):
+            raise ValueError(f"label shape {label.shape} differs from image shape {(image.height, image.width)}")
+        return img, torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)).long()

@@ -27,10 +27,15 @@ def evaluate(
     masks_dir: Path | None = None,
     num_masks: int = 0,
     batch_size: int = 16,
+    proxies: bool = True,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``dataset``: ``miou`` and ``iou/<class>`` (when labelled) and
-    the label-free proxies ``target_entropy`` (mean normalised prediction entropy) and
-    ``flip_agreement`` (share of pixels whose class is the same when the image is mirrored)."""
+    """Metrics of ``model`` on ``dataset``: ``miou`` and ``iou/<class>`` (when labelled) and, unless ``proxies`` is
+    false (the test part: half the work, no mirrored pass), the label-free proxies ``target_entropy`` (mean
+    normalised prediction entropy) and ``flip_agreement`` (share of pixels whose class is the same when the image
+    is mirrored). Everything is at the labels' size; a dataset whose labels keep their own size
+    (``data.eval_protocol: label``) is evaluated one image at a time: one label-sized set of logits on the device."""
+    if _labels_at_own_size(dataset):
+        batch_size = 1
     was_training = model.training
     model.eval()
     evaluator = Evaluator(num_classes)
@@ -40,11 +45,12 @@ def evaluate(
         images, labels = batch["image"].to(device), batch["label"].to(device)
         logits = predict_logits(model, images, labels.shape[-2:])
         evaluator.update(logits, labels)
-        ent = entropy_map(torch.softmax(logits, dim=1))
-        entropy_sum += float(ent.sum())
-        pixels += ent.numel()
-        mirrored = predict_logits(model, images, labels.shape[-2:], mirrored=True)
-        agree += int((mirrored.argmax(1) == logits.argmax(1)).sum())
+        if proxies:
+            ent = entropy_map(torch.softmax(logits, dim=1))
+            entropy_sum += float(ent.sum())
+            pixels += ent.numel()
+            mirrored = predict_logits(model, images, labels.shape[-2:], mirrored=True)
+            agree += int((mirrored.argmax(1) == logits.argmax(1)).sum())
         if masks_dir is not None and saved < num_masks:
             masks_dir.mkdir(parents=True, exist_ok=True)
             for pred, name in zip(logits.argmax(1).cpu().numpy(), batch["name"], strict=True):
@@ -53,14 +59,22 @@ def evaluate(
                 Image.fromarray(colours[pred.astype(np.uint8)]).save(masks_dir / f"{Path(name).stem}.png")
                 saved += 1
     model.train(was_training)
-    metrics: dict[str, float] = {"target_entropy": entropy_sum / max(pixels, 1),
-                                 "flip_agreement": agree / max(pixels, 1)}
+    metrics: dict[str, float] = ({"target_entropy": entropy_sum / max(pixels, 1),
+                                  "flip_agreement": agree / max(pixels, 1)} if proxies else {})
     if evaluator.confusion.sum() > 0:
         metrics["miou"] = float(evaluator.miou())
         for name, iou in zip(class_names, evaluator.per_class_iou(), strict=True):
             if not np.isnan(iou):
                 metrics[f"iou/{name}"] = float(iou)
     return metrics
+
+
+def _labels_at_own_size(dataset: Dataset) -> bool:
+    """Whether ``dataset`` (or the dataset a ``Subset`` takes from) keeps each label at its own size
+    (:class:`rayuda.data.transforms.OwnLabelSize`)."""
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "transform"):
+        dataset = dataset.dataset
+    return bool(getattr(getattr(dataset, "transform", None), "keeps_label_size", False))
 
 
 #: Selection metrics: name → (metric key, sign). Higher score is better. ``miou`` needs a labelled holdout;

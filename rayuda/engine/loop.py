@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rayuda.config import ConfigError
 from rayuda.engine import accel
@@ -143,6 +144,8 @@ def train_stage(
         torch.backends.cudnn.benchmark = runtime.cudnn_benchmark and not config["train"]["deterministic"]
     ctx = build_context(config, params, method, model, data, lr, device, runtime)
     opt_g, opt_d = ctx.opt_g, ctx.opt_d
+    average = weight_average(model, float(config["train"]["ema"]))
+    scored = average.module if average is not None else model  # what is evaluated, saved and handed on
     g_rates = [group["lr"] for group in opt_g.param_groups]
     evaluated = data.holdout is not None
     eval_every = int(config["train"]["eval_every"]) if evaluated else 0
@@ -160,6 +163,8 @@ def train_stage(
         if opt_d is not None:
             opt_d.load_state_dict(state["opt_d"])
         method.load_state_dict(state["method"])
+        if average is not None:
+            average.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         start, best = state["iteration"], state["best"]
         _truncate(log_path, start)
@@ -172,17 +177,18 @@ def train_stage(
     def checkpoint(done: int) -> None:
         atomic_save({"model": model.state_dict(), "discriminators": ctx.discriminators.state_dict(),
                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict() if opt_d is not None else None,
-                     "method": method.state_dict(), "iteration": done, "rng": rng_state(), "best": best},
+                     "method": method.state_dict(), "iteration": done, "rng": rng_state(), "best": best,
+                     "ema": average.state_dict() if average is not None else None},
                     state_path)
 
     def evaluate_and_report(done: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best
         report_dir = work_dir / "report"
         train = config["train"]
-        metrics = evaluate(model, data.holdout, num_classes=ctx.num_classes, device=device,
+        metrics = evaluate(scored, data.holdout, num_classes=ctx.num_classes, device=device,
                            class_names=data.class_names, masks_dir=report_dir / "masks", num_masks=train["num_masks"])
         if data.probe is not None:  # the label-free validators' inputs, kept for recomputing them across trials
-            probe = collect_probe(model, data.probe, device=device)
+            probe = collect_probe(scored, data.probe, device=device)
             save_probe(probe, work_dir / "probe" / f"eval_{done}.npz")
             metrics.update(probe_validators(probe))
         metrics["score"] = selection_score(train["metric"], metrics)
@@ -190,8 +196,8 @@ def train_stage(
         metrics.update({f"loss/{k}": v for k, v in losses.items()})
         if metrics["score"] > best["best_score"]:
             best = {"best_score": metrics["score"], "best_iteration": done}
-            atomic_save(model.state_dict(), work_dir / "best_model.pt")
-        atomic_save(model.state_dict(), report_dir / "model.pt")
+            atomic_save(scored.state_dict(), work_dir / "best_model.pt")
+        atomic_save(scored.state_dict(), report_dir / "model.pt")
         (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         with open(evals_path, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
@@ -243,6 +249,8 @@ def train_stage(
         source = _move(next(sources), device)
         target = _move(next(targets), device) if targets is not None else None
         losses = method.train_step(ctx, source, target)
+        if average is not None:
+            average.update_parameters(model)
         pending.append((i + 1, {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}))
 
         done = i + 1
@@ -260,8 +268,22 @@ def train_stage(
             metrics = evaluate_and_report(done, losses)
         elif checkpointing:
             checkpoint(done)
-    atomic_save(model.state_dict(), work_dir / "model.pt")
+    atomic_save(scored.state_dict(), work_dir / "model.pt")
     return {**metrics, **best} if evaluated else {}
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and BN statistics (``train.ema`` = its decay; 0: none).
+
+    ``θ̄ ← decay·θ̄ + (1 − decay)·θ`` after every step, from the stage's start weights. It smooths SGD's last
+    iterates, so that evaluations (and the stage's output) move less with the seed: the mean teacher of Tarvainen &
+    Valpola (NeurIPS 2017), used as the evaluated model by DAFormer (Hoyer et al., CVPR 2022, decay 0.999).
+    """
+    if decay == 0:
+        return None
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average.update_parameters(model)  # the first update copies the start weights
+    return average
 
 
 def _truncate(path: Path, iteration: int) -> None:

@@ -25,14 +25,21 @@ from torch.utils.data import Subset
 from rayuda.config import ConfigError, flatten, save_config
 from rayuda.data import open_dataset, with_pseudo_labels
 from rayuda.data.split import SMALL_TEST, split_images
-from rayuda.data.transforms import Transform, config_transform
-from rayuda.data.verify import verify_dataset
+from rayuda.data.transforms import OwnLabelSize, Transform, config_transform
+from rayuda.data.verify import BadPair, drop_pairs, refuse_bad_pairs, verify_pairs
 from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
 from rayuda.engine.evaluate import AUTO, SELECTION_METRICS, evaluate, resolve_metric
 from rayuda.engine.loop import Report, Runtime, StageData, train_stage
 from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
-from rayuda.engine.plan import check_plan, stage_identity, stage_key, stage_params, stage_slice
+from rayuda.engine.plan import (
+    LEGACY_EVAL_PROTOCOL,
+    check_plan,
+    stage_identity,
+    stage_key,
+    stage_params,
+    stage_slice,
+)
 from rayuda.engine.probe import open_probe
 from rayuda.methods import plan_of, resolve_config
 from rayuda.methods.base import Stage
@@ -58,6 +65,7 @@ class PlanRun:
     class_names: list[str]
     dirs: dict[str, Path] = field(default_factory=dict)
     last_train: str | None = None
+    skip: frozenset[str] = frozenset()  # image paths of the bad pairs data.bad_pairs=skip drops (check_inputs)
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -72,29 +80,59 @@ def _eval_transform(cfg) -> Transform:
     return config_transform(cfg, "target", train=False)
 
 
+def eval_protocol(cfg) -> str:
+    """How ``cfg``'s target holdout is scored (``data.eval_protocol``); ``null`` stands for ``label`` — each label
+    at its own resolution, as the papers and ``rayuda.predict`` score — on the real datasets (``gta5:``,
+    ``synthia:``, ``cityscapes:``, ``folder:``) and ``resized`` on minicity (its benchmarks were measured so).
+    Absent from a stage's slice: ``resized`` (see :func:`rayuda.engine.plan.stage_slice`)."""
+    value = cfg["data"].get("eval_protocol", LEGACY_EVAL_PROTOCOL)
+    if value is None:
+        value = LEGACY_EVAL_PROTOCOL if str(cfg["target"]).partition(":")[0] == "minicity" else "label"
+    return value
+
+
+def resolve_eval_protocol(cfg) -> str:
+    """Replace ``data.eval_protocol: null`` in ``cfg`` by what it stands for (:func:`eval_protocol`), before
+    anything is saved or keyed; return it."""
+    cfg["data"]["eval_protocol"] = eval_protocol(cfg)
+    return cfg["data"]["eval_protocol"]
+
+
+def _holdout_transform(cfg) -> Transform | OwnLabelSize:
+    """The target holdout as it is scored: images as G sees them at evaluation and, with ``data.eval_protocol:
+    label``, each label at its own size (:class:`~rayuda.data.transforms.OwnLabelSize`; ``evaluate`` then runs
+    one image at a time), else the label resized with the image. In a stage's slice the key is absent when it
+    is the legacy ``resized`` (see :func:`rayuda.engine.plan.stage_slice`)."""
+    images = _eval_transform(cfg)
+    if eval_protocol(cfg) == "label":
+        return OwnLabelSize(images.size, images.preprocessing)
+    return images
+
+
 def _train_set(run: PlanRun, cfg, what: str | None, transform: Transform):
     """The dataset a train stage names: ``source``, ``target`` or ``STAGE:SUBSET`` (pseudo-labelled)."""
     if what is None:
         return None
     if what in ("source", "target"):
-        return open_dataset(cfg[what], "train", role=what, protocol=cfg["protocol"], transform=transform,
-                            seed=cfg["seed"])
+        return drop_pairs(open_dataset(cfg[what], "train", role=what, protocol=cfg["protocol"], transform=transform,
+                                       seed=cfg["seed"]), run.skip)
     ref, _, subset = what.partition(":")
-    target = open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"], transform=transform,
-                          seed=cfg["seed"])
+    target = drop_pairs(open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"],
+                                     transform=transform, seed=cfg["seed"]), run.skip)
     stats = json.loads((run.dirs[ref] / STATS).read_text())
     if subset not in stats["subsets"]:
         raise ConfigError(f"stage {ref!r} made no subset {subset!r}; it made {sorted(stats['subsets'])}")
     return with_pseudo_labels(target, run.dirs[ref] / LABELS, stats["subsets"][subset], what)
 
 
-def holdout_parts(cfg) -> tuple[Subset, Subset | None]:
+def holdout_parts(cfg, skip: frozenset[str] = frozenset()) -> tuple[Subset, Subset | None]:
     """The target holdout's *selection* part (the search's score, checkpoint choice) and *test* part (the
     numbers reported as results; ``None`` when empty). With ``miou`` the labelled images are split by a seeded
-    hash of their names (``data.test_fraction``, ``data.split_seed``); with a label-free metric every holdout
-    image serves the proxy and every labelled one is test."""
-    holdout = open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"],
-                           transform=_eval_transform(cfg), seed=cfg["seed"])
+    hash of their names (``data.test_fraction``, ``data.split_seed``; at most ``data.max_selection`` select);
+    with a label-free metric every holdout image serves the proxy and every labelled one is test. ``skip``: image
+    paths of bad pairs to leave out."""
+    holdout = drop_pairs(open_dataset(cfg["target"], "val", role="target", protocol=cfg["protocol"],
+                                      transform=_holdout_transform(cfg), seed=cfg["seed"]), skip)
     count = len(holdout) if cfg["data"]["holdout"] is None else min(int(cfg["data"]["holdout"]), len(holdout))
     if count < 1:
         raise ConfigError(f"data.holdout={cfg['data']['holdout']} leaves no target holdout image to evaluate on "
@@ -106,7 +144,11 @@ def holdout_parts(cfg) -> tuple[Subset, Subset | None]:
         raise ConfigError(f"target {cfg['target']!r} has no labels, so --metric miou cannot be computed; choose a "
                           f"label-free proxy: --metric {{{proxies}}} (or --set train.metric=...)")
     names = [holdout.files[i][0].name for i in range(count)]
-    select, test = split_images(names, float(cfg["data"]["test_fraction"]), int(cfg["data"]["split_seed"]))
+    try:
+        select, test = split_images(names, float(cfg["data"]["test_fraction"]), int(cfg["data"]["split_seed"]),
+                                    cfg["data"]["max_selection"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not select:
         raise ConfigError(f"the selection part of the target holdout is empty ({count} labelled images, "
                           f"data.test_fraction={cfg['data']['test_fraction']}): lower data.test_fraction")
@@ -122,12 +164,15 @@ def resolve_selection_metric(cfg) -> str:
     return resolve_metric(cfg["train"]["metric"], True)
 
 
-def describe_holdout(cfg) -> str:
+def describe_holdout(cfg, skip: frozenset[str] = frozenset()) -> str:
     """One line saying which images produce which number, with a warning when the test part is too small."""
-    select, test = holdout_parts(cfg)
+    select, test = holdout_parts(cfg, skip)
     metric = cfg["train"]["metric"]
+    protocol = eval_protocol(cfg)
+    scored = "each label at its own size" if protocol == "label" else "labels resized to the target size"
     line = (f"target holdout: {len(select)} images select ({metric}), "
-            f"{len(test) if test else 0} labelled images test (reported mIoU)")
+            f"{len(test) if test else 0} labelled images test (reported mIoU); scored with {scored} "
+            f"(data.eval_protocol={protocol})")
     if test is None:
         line += "; WARNING: no test images, results are reported on the selection images"
     elif len(test) < SMALL_TEST:
@@ -155,8 +200,9 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
     frozen = {"teacher": _load_model(run, cfg, stage.teacher)} if stage.teacher else {}
     data = StageData(source=_train_set(run, cfg, stage.source, _train_transform(cfg, stage.source)),
                      target=_train_set(run, cfg, stage.target, _train_transform(cfg, stage.target)),
-                     holdout=holdout_parts(cfg)[0] if stage.reported else None, class_names=run.class_names,
-                     frozen=frozen, probe=open_probe(cfg, _eval_transform(cfg)) if stage.reported else None)
+                     holdout=holdout_parts(cfg, run.skip)[0] if stage.reported else None,
+                     class_names=run.class_names, frozen=frozen,
+                     probe=open_probe(cfg, _eval_transform(cfg), run.skip) if stage.reported else None)
     seed_everything(seed)
     result = train_stage(label=stage.name, config=cfg, params=stage_params(cfg, stage), method=stage.step(),
                          model=model, data=data, work_dir=work_dir, runtime=run.runtime, report=report)
@@ -166,15 +212,19 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
 
 def _pseudo_labels(run: PlanRun, stage: Stage, cfg, work_dir: Path) -> dict[str, Any]:
     model = _load_model(run, cfg, run.last_train)
-    dataset = open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"],
-                           transform=_eval_transform(cfg))
+    dataset = drop_pairs(open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"],
+                                      transform=_eval_transform(cfg)), run.skip)
     labeller = stage.labeller(stage_params(cfg, stage), run.class_names)
     return pseudo_label_pass(model, dataset, labeller, work_dir, device=run.runtime.device)
 
 
 def environment() -> dict[str, Any]:
-    """What the numbers depend on beyond the config: library versions, the processor, threads."""
+    """What the numbers depend on beyond the config: library, CUDA and cuDNN versions, the code (rayuda's
+    version, the git commit and dirty flag from a checkout: :func:`rayuda.provenance.provenance`), the processor,
+    threads."""
     import platform
+
+    from rayuda.provenance import provenance
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -182,7 +232,7 @@ def environment() -> dict[str, Any]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+    return {**provenance(), "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled()}
 
@@ -206,21 +256,46 @@ def _link_probe(stage_dir: Path, metrics: dict[str, Any], out_dir: Path) -> None
 
 
 #: Keys that change no result: a run folder resumes (or is reused) under new values of these.
+#: ``data.bad_pairs`` is one too: a run that ``refuse`` lets through has no bad pair, so ``skip`` drops nothing
+#: from it (that is also why the key is in no stage's cache key).
 BOOKKEEPING = ("train.log_every", "train.num_masks", "data.num_workers", "train.channels_last",
-               "train.cudnn_benchmark", "train.compile")  # the last three: GPU speed (rayuda.engine.accel)
+               "train.cudnn_benchmark", "train.compile",  # these three: GPU speed (rayuda.engine.accel)
+               "data.bad_pairs")
 
 
-def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> None:
+#: Keys added after runs were saved, with the value those runs used (a saved config without the key is that run).
+LEGACY = {"data.eval_protocol": LEGACY_EVAL_PROTOCOL}
+
+
+def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> list[BadPair]:
     """What can fail without training, checked before anything is written or computed: G builds (backbone,
     ``model.init`` readable as a state dict that fits it), and every image and label of the source, the target
-    and its holdout decodes (:func:`rayuda.data.verify.verify_dataset`, remembered per file)."""
+    and its holdout decodes (:func:`rayuda.data.verify.verify_pairs`, remembered per file).
+
+    Image/label pairs of different sizes are refused in one line naming them (``data.bad_pairs: refuse``) or,
+    with ``skip``, returned — each file once, whichever datasets hold it — for the run to leave out."""
     try:
         build_segmenter(cfg["model"], len(class_names))
     except (ValueError, OSError, RuntimeError) as err:
         raise ConfigError(f"model: {err}") from None
+    bad: dict[str, BadPair] = {}
     for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target"),
                               (cfg["target"], "val", "target")):
-        verify_dataset(open_dataset(spec, split, role=role, protocol=cfg["protocol"]), f"{role} {split} {spec}")
+        _, found = verify_pairs(open_dataset(spec, split, role=role, protocol=cfg["protocol"]),
+                                f"{role} {split} {spec}")
+        for pair in found:
+            bad.setdefault(pair.image, pair)
+    if cfg["data"]["bad_pairs"] != "skip":
+        refuse_bad_pairs(list(bad.values()))
+    return list(bad.values())
+
+
+def dropped_lines(dropped: list[BadPair]) -> list[str]:
+    """What ``data.bad_pairs=skip`` dropped, for the output: a count, then one line per pair (each file once)."""
+    if not dropped:
+        return []
+    return [f"data.bad_pairs=skip: dropped {len(dropped)} image/label pair(s) of different sizes:",
+            *(f"  dropped {pair.image} and {pair.label} ({pair.reason})" for pair in dropped)]
 
 
 def move_aside(out_dir: Path) -> Path:
@@ -242,7 +317,7 @@ def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{saved_path} is not readable YAML ({' '.join(str(err).split())[:200]})") from None
-    old, new = flatten(saved), flatten(cfg)
+    old, new = {**LEGACY, **flatten(saved)}, flatten(cfg)
     differ = sorted(k for k in set(old) | set(new)
                     if old.get(k, "<absent>") != new.get(k, "<absent>") and k not in BOOKKEEPING)
     if differ:
@@ -260,6 +335,7 @@ def run_pipeline(
     report: Report | None = None,
     cache_dir: str | Path | None = None,
     force_new: bool = False,
+    list_dropped: bool = True,
 ) -> dict[str, Any]:
     """Run ``config``'s method end to end into ``out_dir`` and return its summary.
 
@@ -268,13 +344,15 @@ def run_pipeline(
     Calling it again on an unfinished ``out_dir`` resumes; on a finished one it returns the summary (or, with
     a ``report`` hook, replays the cached stages' evaluations, so a restored Tune trial still gets its reports).
     An ``out_dir`` of another config is refused (``force_new``: moved aside); everything checkable is checked
-    before ``out_dir`` is touched.
+    before ``out_dir`` is touched. ``list_dropped``: print every bad pair ``data.bad_pairs=skip`` drops (a
+    search's trials pass False: the search printed them once; they print a count).
     """
     start_time = time.time()
     config = copy.deepcopy(config)
     method = config.pop("method")
     cfg = resolve_config(method, flatten(config))
     resolve_selection_metric(cfg)  # `auto` is saved as the metric it stands for
+    resolve_eval_protocol(cfg)  # and null as the protocol it stands for
     out_dir = Path(out_dir)
     try:
         done, stale = _finished(cfg, out_dir), False
@@ -290,7 +368,13 @@ def run_pipeline(
     class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
     open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
     holdout = describe_holdout(cfg)
-    check_inputs(cfg, class_names)
+    dropped = check_inputs(cfg, class_names)
+    skip = frozenset(pair.image for pair in dropped)
+    if skip:
+        holdout = describe_holdout(cfg, skip)
+        lines = dropped_lines(dropped)
+        print("\n".join(lines if list_dropped else [lines[0].rstrip(":") + " (listed in summary.json)"]),
+              flush=True)
     if stale:
         print(f"[{method}] --force-new: moved the run of another config to {move_aside(out_dir)}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +383,7 @@ def run_pipeline(
 
     train = cfg["train"]
     runtime = Runtime.of(cfg, pick_device(train["device"]))  # + the GPU speed settings (rayuda.engine.accel)
-    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names)
+    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names, skip=skip)
     reported = [s for s in plan if s.reported]
     total = sum(int(cfg["stages"][s.name]["iters"]) for s in reported)
     print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
@@ -372,20 +456,24 @@ def run_pipeline(
     best = max(run.evals, key=lambda m: m["score"])
     _link(run.dirs[best["stage"]] / "best_model.pt", out_dir / "best_model.pt")
     _link(run.dirs[run.last_train] / "model.pt", out_dir / "model.pt")
-    return _summarise(run, method, records, out_dir, start_time, total, _test_results(run, out_dir))
+    return _summarise(run, method, records, out_dir, start_time, total, _test_results(run, out_dir), dropped)
 
 
 def _test_results(run: PlanRun, out_dir: Path) -> dict[str, Any]:
     """The final and the selected (best-scoring) model on the holdout's test part: the reported results."""
-    select, test = holdout_parts(run.cfg)
+    select, test = holdout_parts(run.cfg, run.skip)
     out: dict[str, Any] = {"selection_images": len(select), "images": len(test) if test else 0}
     if test is None:
         return out
     model = _load_model(run, run.cfg, None)  # built once (its init applied once); each result loads its weights
-    for name, weights in (("final", "model.pt"), ("selected", "best_model.pt")):
-        model.load_state_dict(load_checkpoint(out_dir / weights))
+    final, selected = load_checkpoint(out_dir / "model.pt"), load_checkpoint(out_dir / "best_model.pt")
+    for name, weights in (("final", final), ("selected", selected)):
+        if name == "selected" and all(torch.equal(final[k], selected[k]) for k in final):
+            out[name] = out["final"]  # the last evaluation was the best: the same model, scored once
+            continue
+        model.load_state_dict(weights)
         metrics = evaluate(model, test, num_classes=len(run.class_names), device=run.runtime.device,
-                           class_names=run.class_names)
+                           class_names=run.class_names, proxies=False)
         out[name] = {"miou": metrics["miou"], "per_class_iou": {k[4:]: v for k, v in metrics.items()
                                                                 if k.startswith("iou/")}}
     print(f"[{run.cfg['method']}] test part ({out['images']} images): final model mIoU "
@@ -394,9 +482,10 @@ def _test_results(run: PlanRun, out_dir: Path) -> dict[str, Any]:
 
 
 def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: float, total: int,
-               test: dict[str, Any]) -> dict[str, Any]:
+               test: dict[str, Any], dropped: list[BadPair]) -> dict[str, Any]:
     """``summary.json``: the last evaluation and the best one (on the selection images; the best model is
-    ``best_model.pt``), the test part's results, the stages and the machine that computed them."""
+    ``best_model.pt``), the test part's results, the stages, the bad pairs left out and the machine that
+    computed them."""
     cfg, evals = run.cfg, run.evals
     last = evals[-1]
     best = max(evals, key=lambda m: m["score"])
@@ -407,6 +496,7 @@ def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: fl
         "iterations": total,
         "seconds": round(time.time() - start_time, 2),
         "selection_metric": cfg["train"]["metric"],
+        "eval_protocol": cfg["data"]["eval_protocol"],
         "score": last["score"],
         "best_score": best["score"],
         "best_iteration": best["iteration"],
@@ -416,6 +506,8 @@ def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: fl
         "seed": cfg["seed"],
         "test": test,
         "stages": records,
+        "bad_pairs": {"policy": cfg["data"]["bad_pairs"],
+                      "dropped": [{"image": p.image, "label": p.label, "reason": p.reason} for p in dropped]},
         "environment": environment(),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

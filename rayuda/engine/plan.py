@@ -13,6 +13,7 @@ from typing import Any
 
 from rayuda.config import ConfigError
 from rayuda.data.transforms import config_transform
+from rayuda.data.verify import BAD_PAIR_POLICIES
 from rayuda.engine.evaluate import AUTO, SELECTION_METRICS
 from rayuda.methods import plan_of
 from rayuda.methods.base import Stage
@@ -24,12 +25,12 @@ ENGINE_VERSION = 2  # 2: transforms via torchvision.transforms.v2 (other random 
 TRAIN_KEYS = ("seed", "protocol", "data.batch_size", "data.size", "data.crop", "data.source", "data.target",
               "data.flip", "data.jitter", "data.augment",
               "model", "optim.momentum", "optim.weight_decay", "optim.power", "train.amp", "train.amp_dtype",
-              "train.deterministic")
+              "train.deterministic", "train.ema")
 #: Read by train stages whose method adds discriminators.
 ADVERSARIAL_KEYS = ("optim.lr_d", "optim.betas")
 #: Read by reported stages only: their evaluations on the target holdout and the probe (rayuda.engine.probe).
-EVALUATION_KEYS = ("target", "data.holdout", "data.test_fraction", "data.split_seed", "train.metric",
-                   "train.eval_every", "train.num_masks", "train.probe_images", "source")
+EVALUATION_KEYS = ("target", "data.holdout", "data.test_fraction", "data.max_selection", "data.split_seed",
+                   "train.metric", "train.eval_every", "train.num_masks", "train.probe_images", "source")
 #: What a pseudo-label pass reads: the target images at the evaluation size, and G's architecture.
 PASS_KEYS = ("protocol", "target", "data.size", "data.target.size", "model")
 
@@ -88,11 +89,20 @@ def stage_keys(stage: Stage) -> list[str]:
     return sorted(set(keys))
 
 
+#: ``data.eval_protocol`` values, and the one every evaluation used before the key existed.
+EVAL_PROTOCOLS, LEGACY_EVAL_PROTOCOL = ("label", "resized"), "resized"
+
+
 def stage_slice(cfg: dict[str, Any], stage: Stage) -> ConfigSlice:
-    """Exactly the part of ``cfg`` that ``stage`` reads."""
+    """Exactly the part of ``cfg`` that ``stage`` reads. A reported stage reads ``data.eval_protocol`` too; it
+    enters the slice (and the key) only when it is not :data:`LEGACY_EVAL_PROTOCOL`, so stages cached before the
+    key existed keep their keys (they were evaluated that way), and the evaluation reads it with that default."""
     out: dict[str, Any] = {}
     for dotted in stage_keys(stage):
         _insert(out, dotted, _lookup(cfg, dotted))
+    protocol = cfg["data"].get("eval_protocol")
+    if stage.reported and protocol not in (None, LEGACY_EVAL_PROTOCOL):
+        _insert(out, "data.eval_protocol", protocol)
     return ConfigSlice(out, stage.name)
 
 
@@ -175,6 +185,15 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
     if needs_probe and probes == 0:
         raise ConfigError(f"train.metric {cfg['train']['metric']!r} is computed on the probe images: "
                           "train.probe_images must be ≥ 1")
+    if cfg["data"]["eval_protocol"] not in (None, *EVAL_PROTOCOLS):
+        raise ConfigError(f"data.eval_protocol must be one of {', '.join(EVAL_PROTOCOLS)} or null (chosen per target "
+                          f"spec), got {cfg['data']['eval_protocol']!r}")
+    if cfg["data"]["bad_pairs"] not in BAD_PAIR_POLICIES:
+        raise ConfigError(f"data.bad_pairs must be one of {', '.join(BAD_PAIR_POLICIES)}, got "
+                          f"{cfg['data']['bad_pairs']!r}")
+    ema = cfg["train"]["ema"]
+    if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1:
+        raise ConfigError(f"train.ema must be a number in [0, 1) (the average's decay; 0: none), got {ema!r}")
     for key in ("eval_every", "log_every"):
         if not isinstance(cfg["train"][key], int) or cfg["train"][key] < 1:
             raise ConfigError(f"train.{key} must be an int ≥ 1, got {cfg['train'][key]!r}")

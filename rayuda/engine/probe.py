@@ -40,9 +40,11 @@ def probe_indices(count: int, wanted: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(count, size=wanted, replace=False).tolist())
 
 
-def open_probe(cfg, transform) -> tuple[Dataset, Dataset] | None:
-    """The target and source probe sets of a reported stage (``None`` when ``train.probe_images`` is 0)."""
+def open_probe(cfg, transform, skip: frozenset[str] = frozenset()) -> tuple[Dataset, Dataset] | None:
+    """The target and source probe sets of a reported stage (``None`` when ``train.probe_images`` is 0), without
+    the bad pairs ``skip`` names (image paths, :func:`rayuda.data.verify.drop_pairs`)."""
     from rayuda.data import open_dataset
+    from rayuda.data.verify import drop_pairs
 
     wanted = int(cfg["train"]["probe_images"])
     if wanted <= 0:
@@ -50,7 +52,8 @@ def open_probe(cfg, transform) -> tuple[Dataset, Dataset] | None:
     seed = int(cfg["data"]["split_seed"])
     out = []
     for role in ("target", "source"):
-        data = open_dataset(cfg[role], "train", role=role, protocol=cfg["protocol"], transform=transform)
+        data = drop_pairs(open_dataset(cfg[role], "train", role=role, protocol=cfg["protocol"], transform=transform),
+                          skip)
         out.append(Subset(data, probe_indices(len(data), wanted, seed)))
     return out[0], out[1]
 

@@ -1,7 +1,8 @@
-"""Output-space adversarial adaptation, shared by AdaptSegNet, AdvEnt and CRAM's CEA.
+"""Output-space adversarial adaptation, shared by AdaptSegNet, AdvEnt, CRAM's CEA and CADA's D_c.
 
-They differ only in the map the discriminator sees: the softmax (AdaptSegNet), the weighted
-self-information (AdvEnt), or the confidence-aware entropy (CRAM). One discriminator per output level.
+They differ only in the map the discriminator sees: the softmax (AdaptSegNet, CADA), the weighted
+self-information (AdvEnt), or the confidence-aware entropy (CRAM). One discriminator per output level
+(:meth:`OutputSpaceAdversarial.adversarial_levels`; CADA: the main output only).
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ class OutputSpaceAdversarial(Method):
     def discriminator_input(self, ctx: TrainContext, prob: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def adversarial_levels(self, ctx: TrainContext) -> list[str]:
+        """The output levels that get a discriminator: every level of G (AdaptSegNet's multi-level); CADA
+        overrides it (one D_c on the main output)."""
+        return ctx.levels
+
     def setup(self, ctx):
-        for lvl in ctx.levels:
+        for lvl in self.adversarial_levels(ctx):
             ctx.discriminators[lvl] = OutputDiscriminator(self.map_channels(ctx))
 
     def domain_maps(self, ctx, output, size) -> dict[str, torch.Tensor]:
-        return {lvl: self.discriminator_input(ctx, ctx.probs(output, lvl, size)) for lvl in ctx.levels}
+        return {lvl: self.discriminator_input(ctx, ctx.probs(output, lvl, size))
+                for lvl in self.adversarial_levels(ctx)}
 
     def detached_maps(self, ctx, output, size) -> dict[str, torch.Tensor]:
         """:meth:`domain_maps` without a graph (the discriminators' input from G's output)."""
@@ -44,7 +51,8 @@ class OutputSpaceAdversarial(Method):
     def generator_loss(self, ctx, maps_t: dict) -> torch.Tensor:
         """``L_adv``: target maps should look like source maps to every (fixed) discriminator."""
         disc = ctx.discriminators
-        return sum(ADV_LEVEL_WEIGHT[lvl] * bce_adversarial(disc[lvl](maps_t[lvl]), SOURCE) for lvl in ctx.levels)
+        return sum(ADV_LEVEL_WEIGHT[lvl] * bce_adversarial(disc[lvl](maps_t[lvl]), SOURCE)
+                   for lvl in self.adversarial_levels(ctx))
 
     def discriminator_loss(self, ctx, maps_s: dict, maps_t: dict) -> torch.Tensor:
         """``L_D``: tell source maps (label 1) from target maps (label 0); G's maps are detached."""
@@ -52,7 +60,7 @@ class OutputSpaceAdversarial(Method):
         return sum(
             0.5 * bce_adversarial(disc[lvl](maps_s[lvl].detach()), SOURCE)
             + 0.5 * bce_adversarial(disc[lvl](maps_t[lvl].detach()), TARGET)
-            for lvl in ctx.levels
+            for lvl in self.adversarial_levels(ctx)
         )
 
     def train_step(self, ctx, source, target):

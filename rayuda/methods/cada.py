@@ -2,11 +2,18 @@
 
 Plan: source-only → ``adapt`` → (``thresholds<k>`` → ``round<k>``, reported) for k = 1 … ``params.rounds``.
 
-* ``adapt`` (§2.1, §2.3, eq. 5): ``L = L_seg + λ_adv_seg·L_adv_seg + λ_style·Σ_l w_l·L_style^l``. L_adv_seg is
-  AdaptSegNet's output-space GAN loss on softmax maps (one D per output level); L_style^l the GAN loss of a
-  style discriminator D_f^l on the style vector (channel means) of backbone layer l. ``style_weights`` maps
-  each layer to its w_l: the paper's layer1 and layer2 at 1; a layer with weight 0 gets no discriminator.
-  Update order as AdaptSegNet/BDL: G with every D fixed, then the Ds on detached inputs.
+* ``adapt`` (§2.1, §2.3, eq. 5): ``L = L_seg + λ_adv_seg·L_adv_seg + λ_style·Σ_l w_l·L_style^l``. L_adv_seg is the
+  output-space GAN loss on softmax maps "consistent with BDL" (§2.3) with *one* segmentation discriminator D_c
+  (§3.2) on G's main output (``output_levels: main``; choice: the paper's G, as BDL's, has one output, so a
+  multi-level G's aux output gets its CE only), a PatchGAN that outputs "a 16x downsampled confidence probability
+  map relative to the input semantic segmentation map" (§3.2; ``d_downsample: 16``: AdaptSegNet's five 4×4 convs
+  with the last at stride 1). Each domain's map enters D_c at its own size (the image's, as BDL's code and
+  ``advent``). rayuda's adapt stage before issue 23 (version 1) had one 32× D per output level and resized source
+  maps to the target's size: ``output_levels: all, d_downsample: 32`` give the first two back (32× is also BDL's
+  code, whose G is single-level). L_style^l is the GAN loss of a style discriminator D_f^l on the style vector
+  (channel means) of backbone layer l. ``style_weights`` maps each layer to its w_l: the paper's layer1 and layer2
+  at 1; a layer with weight 0 gets no discriminator. Update order as AdaptSegNet/BDL: G with every D fixed, then the
+  Ds on detached inputs.
 * ``thresholds<k>`` (§2.2, eq. 1–3): :class:`rayuda.pseudo.CategoryAdaptiveThresholds` with the latest
   model; a pixel predicted l keeps its label when ``E(P) < E(f^l) − Δ`` (``params.thresholds.delta``, nats).
   Δ is in nats, so it reads against the class centroids' entropies that the pass reports: on minicity
@@ -34,11 +41,13 @@ from rayuda.losses import self_training_cross_entropy, style_adversarial_loss
 from rayuda.methods.adversarial import OutputSpaceAdversarial
 from rayuda.methods.base import DEFAULT_SCHEDULE, SOURCE, TARGET, Method, Stage, image_size, source_only_stage
 from rayuda.methods.context import SEG_LEVEL_WEIGHT
-from rayuda.models import StyleDiscriminator, style_vector
+from rayuda.models import OutputDiscriminator, StyleDiscriminator, style_vector
 from rayuda.pseudo import CategoryAdaptiveThresholds
 
 MAX_ROUNDS = 3
 STYLE_PREFIX = "style_"
+OUTPUT_LEVELS = ("main", "all")  # params.adapt.output_levels
+D_DOWNSAMPLE = (16, 32)  # params.adapt.d_downsample
 
 
 def style_weights(params) -> dict[str, float]:
@@ -53,6 +62,7 @@ class CADAAdapt(OutputSpaceAdversarial):
     """Stage 1: style-vector + output-space adversarial alignment (eq. 5)."""
 
     name = "cada_adapt"
+    version = 2  # 2: one 16× D_c on the main output, source maps at their own size (issue 23)
     has_discriminators = True
     defaults = {
         "w_adv_seg": 1.0e-3,  # λ_adv_seg, eq. 5
@@ -60,14 +70,21 @@ class CADAAdapt(OutputSpaceAdversarial):
         "style_weights": {"layer1": 1.0, "layer2": 1.0, "layer3": 0.0, "layer4": 0.0},  # w_l (choice: 1 each)
         "style_adv": True,  # ablation: False = "original" (output-space adversarial only)
         "output_adv": True,
+        "output_levels": "main",  # §3.2: one D_c, on the main output; "all": one D per output level
+        "d_downsample": 16,  # §3.2: D_c's output is 16× downsampled; 32: AdaptSegNet's/BDL's D
     }
 
     def discriminator_input(self, ctx, prob):
         return prob  # AdaptSegNet: the softmax map
 
+    def adversarial_levels(self, ctx):
+        return ["main"] if ctx.params["output_levels"] == "main" else ctx.levels
+
     def setup(self, ctx):
         if ctx.params["output_adv"]:
-            super().setup(ctx)
+            for lvl in self.adversarial_levels(ctx):
+                ctx.discriminators[lvl] = OutputDiscriminator(self.map_channels(ctx),
+                                                              downsample=ctx.params["d_downsample"])
         channels = ctx.feature_channels
         for layer in style_weights(ctx.params):
             if layer not in channels:
@@ -93,7 +110,7 @@ class CADAAdapt(OutputSpaceAdversarial):
             loss_seg = ctx.seg_loss(out_s, source["label"])
             ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
             losses["seg"] = loss_seg.detach()
-            maps_s = self.detached_maps(ctx, out_s, size) if p["output_adv"] else None
+            maps_s = self.detached_maps(ctx, out_s, image_size(source)) if p["output_adv"] else None  # own size
             out_t = ctx.forward(target["image"])
             loss_g = None
             if p["output_adv"]:  # L_adv_seg: target softmax maps should look like source ones
@@ -171,6 +188,12 @@ class CADA(Method):
         rounds = params["rounds"]
         if not isinstance(rounds, int) or isinstance(rounds, bool) or not 0 <= rounds <= MAX_ROUNDS:
             raise ConfigError(f"params.rounds must be an int in 0 … {MAX_ROUNDS}, got {rounds!r}")
+        adapt = params["adapt"]
+        if adapt["output_levels"] not in OUTPUT_LEVELS:
+            raise ConfigError(f"params.adapt.output_levels={adapt['output_levels']!r}; valid: "
+                              f"{', '.join(OUTPUT_LEVELS)}")
+        if adapt["d_downsample"] not in D_DOWNSAMPLE:
+            raise ConfigError(f"params.adapt.d_downsample must be 16 or 32, got {adapt['d_downsample']!r}")
         stages = [source_only_stage(), Stage("adapt", step=CADAAdapt, params="params.adapt", reported=rounds == 0)]
         for k in range(1, rounds + 1):
             stages += [

@@ -6,10 +6,17 @@ One stage, end to end, two modules on one forward pass of G per domain:
   across domains with an output-space discriminator per level (multi-level on ResNet-101).
   (choice: the paper does not say how many channels D sees) The discriminator sees the per-class terms
   ``−Q_c log P_c / log C`` (C channels, mirroring AdvEnt; ``ce_channels: summed`` feeds the 1-channel map).
-* **SFA** (eq. 10–12): Gram-matrix style features of two intermediate layers (``style_layers``,
-  layer2+layer3 by default) are pulled together, weighted ``w`` and ``1 − w``.
+* **SFA** (eq. 10–12): Gram-matrix style features of two intermediate layers (``style_layers``) are pulled
+  together, weighted ``w`` and ``1 − w``. Default ``layer1+layer2`` (torchvision names), the paper's layers:
+  it numbers ResNet's stages ConvN / layerN (its output-space levels are "Conv4 and Conv5", Sec. IV-A-2 —
+  torchvision ``layer3``/``layer4``) and takes the style from "layer2 and layer3" (Sec. III-B, III-C), "Conv2
+  and Conv3" (Fig. 6), i.e. torchvision ``layer1``/``layer2``; its deeper "layer4 and layer5" gave "loss
+  divergence" (Sec. IV-C-2). ``layer2+layer3`` (rayuda's default before issue 23: the paper's Conv3+Conv4)
+  stays selectable.
 
-Total loss (eq. 13): ``L = L_seg + w_adv·L_adv + λ·L_sty``. Update order of Algorithm 1: first the
+Total loss (eq. 13): ``L = L_seg + w_adv·L_adv + λ·L_sty``, ``w_adv = 0.001``, ``w = 0.5``, ``λ = 0.1`` (Sec.
+IV-A-3; λ = 0.1 is also Fig. 6b's best; the layer study of Sec. IV-C-2 ran at λ = 1e-4, which the search space
+reaches). Update order of Algorithm 1: first the
 discriminators with G fixed (eq. 7), then G with L_seg, L_adv (D fixed, eq. 8) and L_sty (eq. 12).
 Sec. III-C's text describes the other order (G, then D, as AdvEnt does); ``order: g_first`` selects it,
 so that ``entropy: shannon, sfa: false, order: g_first`` is the same computation as ``advent``.
@@ -29,7 +36,7 @@ ORDERS = ("d_first", "g_first")  # params.order
 
 
 def style_layer_weights(layers: str, w: float) -> dict[str, float]:
-    """``"layer2+layer3", w`` → ``{"layer2": w, "layer3": 1 − w}`` (eq. 12's w_l)."""
+    """``"layer1+layer2", w`` → ``{"layer1": w, "layer2": 1 − w}`` (eq. 12's w_l)."""
     first, second = layers.split("+")
     return {first: w, second: 1.0 - w}
 
@@ -40,7 +47,7 @@ class CRAM(OutputSpaceAdversarial):
         "w_adv": 1.0e-3,  # eq. 9
         "lambda_style": 0.1,  # λ, eq. 13
         "style_weight": 0.5,  # w: weight of the first style layer, eq. 12
-        "style_layers": "layer2+layer3",
+        "style_layers": "layer1+layer2",  # the paper's Conv2 + Conv3 (Fig. 6), torchvision names
         "ce_channels": "per_class",  # or "summed"
         "entropy": "confidence_aware",  # or "shannon" (ablation)
         "cea": True,

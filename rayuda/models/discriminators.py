@@ -4,6 +4,8 @@ apply it.
 * :class:`OutputDiscriminator` — AdaptSegNet/AdvEnt/CRAM output-space D: five 4×4 convs, stride 2,
   padding 1, channels ndf·(1, 2, 4, 8) then 1, LeakyReLU(0.2) between them. A H×W input gives
   ``floor(H/32)×floor(W/32)`` patch logits (64×128 → 2×4), so feed it maps upsampled to image size.
+  ``downsample=16`` (CADA's D_c, its §3.2) makes the last conv stride 1, PatchGAN's final layer:
+  ``H/16 − 1`` patch logits (64×128 → 3×7).
 * :class:`FineGrainedDiscriminator` — FGDEM/CRA class-aware D on backbone features: three 3×3 convs,
   stride 1, padding 1, channels 256, 128, 2K, LeakyReLU(0.2) after the first two. Channels
   ``0..K-1`` mean "source, class k", ``K..2K-1`` "target, class k"; output at feature size.
@@ -25,16 +27,26 @@ def _leaky() -> nn.LeakyReLU:
     return nn.LeakyReLU(0.2, inplace=True)
 
 
-class OutputDiscriminator(nn.Module):
-    """Five 4×4 stride-2 convs (ndf, 2ndf, 4ndf, 8ndf, 1), LeakyReLU(0.2) between; B×1×H/32×W/32 logits."""
+#: ``OutputDiscriminator(downsample=…)`` → the stride of its last (1-channel) conv.
+LAST_STRIDE = {32: 2, 16: 1}
 
-    def __init__(self, in_channels: int, ndf: int = 64):
+
+class OutputDiscriminator(nn.Module):
+    """Five 4×4 convs (ndf, 2ndf, 4ndf, 8ndf, 1), LeakyReLU(0.2) between; B×1×H/32×W/32 logits.
+
+    ``downsample``: 32 (every conv stride 2, AdaptSegNet's D) or 16 (the last conv stride 1, padding 1, as
+    PatchGAN's final layer: B×1×(H/16 − 1)×(W/16 − 1) logits; CADA's D_c).
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64, downsample: int = 32):
         super().__init__()
+        if downsample not in LAST_STRIDE:
+            raise ValueError(f"OutputDiscriminator: downsample must be 16 or 32, got {downsample!r}")
         widths = [in_channels, ndf, ndf * 2, ndf * 4, ndf * 8]
         layers: list[nn.Module] = []
         for cin, cout in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Conv2d(cin, cout, kernel_size=4, stride=2, padding=1), _leaky()]
-        layers.append(nn.Conv2d(widths[-1], 1, kernel_size=4, stride=2, padding=1))
+        layers.append(nn.Conv2d(widths[-1], 1, kernel_size=4, stride=LAST_STRIDE[downsample], padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
