@@ -8,7 +8,7 @@ Plan: source-only → ``adapt`` → (``thresholds<k>`` → ``round<k>``, reporte
   multi-level G's aux output gets its CE only), a PatchGAN that outputs "a 16x downsampled confidence probability
   map relative to the input semantic segmentation map" (§3.2; ``d_downsample: 16``: AdaptSegNet's five 4×4 convs
   with the last at stride 1). Each domain's map enters D_c at its own size (the image's, as BDL's code and
-  ``advent``). rayuda's adapt stage before issue 23 (version 1) had one 32× D per output level and resized source
+  ``advent``). rayuda's adapt stage in version 1 had one 32× D per output level and resized source
   maps to the target's size: ``output_levels: all, d_downsample: 32`` give the first two back (32× is also BDL's
   code, whose G is single-level). L_style^l is the GAN loss of a style discriminator D_f^l on the style vector
   (channel means) of backbone layer l. ``style_weights`` maps each layer to its w_l: the paper's layer1 and layer2
@@ -62,7 +62,7 @@ class CADAAdapt(OutputSpaceAdversarial):
     """Stage 1: style-vector + output-space adversarial alignment (eq. 5)."""
 
     name = "cada_adapt"
-    version = 2  # 2: one 16× D_c on the main output, source maps at their own size (issue 23)
+    version = 2  # 2: one 16× D_c on the main output, source maps at their own size
     has_discriminators = True
     defaults = {
         "w_adv_seg": 1.0e-3,  # λ_adv_seg, eq. 5

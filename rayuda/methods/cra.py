@@ -22,7 +22,7 @@ their region (choice: eq. 5 and 7 are plain sums, whose scale would depend on th
 trusted pixels, eq. 7 over the untrusted ones (``adv_normalise: untrusted``; the count at D's output
 resolution, see :func:`rayuda.losses.cra_adv_loss`); eq. 8 over all pixels, so the two regions keep the paper's
 relative weight in D's loss. ``g_steps: 1`` with ``adv_normalise: all`` and ``w_adv: 1e-3`` is rayuda's CRA
-before issue 23 (version 1): one G step on ``L_seg + w_adv·L_adv`` from one forward pass, eq. 7 divided by every
+in version 1: one G step on ``L_seg + w_adv·L_adv`` from one forward pass, eq. 7 divided by every
 pixel. The two-step update costs a second forward/backward pass of G per iteration. ``clamp`` caps ``a`` as
 FGDEM's code does (``None``: the paper's plain softmax); T = 1.8 is FADA's value (the paper gives none).
 Ablations: ``regions.rare_factor: 1`` (no rare-class scaling), ``cra.adversarial: false`` (self-training on
@@ -57,7 +57,7 @@ def cda_method(name: str) -> type[Method]:
 
 class CRA(Method):
     name = "cra"
-    version = 2  # 2: two G steps (eq. 5, then eq. 7 unweighted), eq. 7 a mean over untrusted pixels (issue 23)
+    version = 2  # 2: two G steps (eq. 5, then eq. 7 unweighted), eq. 7 a mean over untrusted pixels
     has_discriminators = True
     defaults = {
         "cda": "advent",

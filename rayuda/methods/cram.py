@@ -11,7 +11,7 @@ One stage, end to end, two modules on one forward pass of G per domain:
   it numbers ResNet's stages ConvN / layerN (its output-space levels are "Conv4 and Conv5", Sec. IV-A-2 —
   torchvision ``layer3``/``layer4``) and takes the style from "layer2 and layer3" (Sec. III-B, III-C), "Conv2
   and Conv3" (Fig. 6), i.e. torchvision ``layer1``/``layer2``; its deeper "layer4 and layer5" gave "loss
-  divergence" (Sec. IV-C-2). ``layer2+layer3`` (rayuda's default before issue 23: the paper's Conv3+Conv4)
+  divergence" (Sec. IV-C-2). ``layer2+layer3`` (rayuda's earlier default: the paper's Conv3+Conv4)
   stays selectable.
 
 Total loss (eq. 13): ``L = L_seg + w_adv·L_adv + λ·L_sty``, ``w_adv = 0.001``, ``w = 0.5``, ``λ = 0.1`` (Sec.

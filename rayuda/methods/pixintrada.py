@@ -7,7 +7,7 @@ Plan: source-only → ``inter`` → ``split`` (pass) → ``intra`` (reported) [�
   "follow[s] the adversarial learning approach [32]" (Sec. 3.1, eq. 1: softmax maps, L_G = CE − log D(G(x_t)))
   and on GTA5 it trains "the inter-domain adaptation model of [32]" (Sec. 5.3), [32] = AdaptSegNet (Tsai et
   al. 2018). Not reproduced: the paper's source images are GTA5 translated to Cityscapes' style by BDL [19]
-  (point ``source=`` at them). ``advent`` (rayuda's default before issue 23) is the very stage ``intrada``
+  (point ``source=`` at them). ``advent`` (rayuda's earlier default) is the very stage ``intrada``
   trains (same name, knobs and key), so the two methods then share it in a stage cache.
 * ``split`` (:class:`rayuda.pseudo.ClassThresholdSplit`, ``params.split``): class-wise thresholds
   ``t_k = min(0.9, median confidence of class k)``; easy pixels (some ``y_k > α·t_k``) get the argmax over
