@@ -25,7 +25,7 @@ Layouts (``PATH`` is the dataset root):
 - ``minicity``: generated on first use (:func:`rayuda.data.minicity.ensure_minicity`); the ``role``
   picks the rendering (``source`` → GTA5 layout, ``target`` → Cityscapes layout), ``minicity:source`` /
   ``minicity:target`` force one.
-- ``minicity:NAME`` (``dusk``, ``fog``, ``suburb``, ``suburb-dusk``; :data:`rayuda.data.minicity.VARIANTS`):
+- ``minicity:NAME`` (``dusk``, ``night``, ``fog``, ``suburb``, ``suburb-dusk``; :data:`rayuda.data.minicity.VARIANTS`):
   the target rendering (Cityscapes layout) of a named target city, whatever the role: as ``--target`` a
   new target, as ``--source`` its oracle (trained on its target-train labels, as ``minicity:target`` is
   the default's).
@@ -63,7 +63,7 @@ SPLITS = ("train", "val")
 ROLES = ("source", "target")
 #: The names of :data:`rayuda.data.minicity.VARIANTS` (spelled out: importing that module here would make
 #: ``python -m rayuda.data.minicity`` import it twice; a test checks that the two agree).
-MINICITY_VARIANTS = ("dusk", "fog", "suburb", "suburb-dusk")
+MINICITY_VARIANTS = ("dusk", "night", "fog", "suburb", "suburb-dusk")
 SPECS = ("minicity", "minicity:source", "minicity:target", *(f"minicity:{name}" for name in MINICITY_VARIANTS),
          "gta5:PATH", "synthia:PATH", "cityscapes:PATH", "folder:PATH")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -40,7 +40,9 @@ object proportions differ. Target-only knobs, off by default: the target's weath
 target-only knobs, so its source would be exactly the default source: its directory holds only the
 target part (``source_images=0``), and its image counts follow :class:`MinicityConfig`'s defaults.
 
-- ``dusk``: the default target's scenes at dusk: dark, low contrast, a blue cast, strong sensor noise.
+- ``dusk``: the default target's scenes at dusk: darker, lower contrast, a blue cast, more sensor noise.
+- ``night``: the same scenes near dark: very dark, low contrast, a strong blue cast and strong noise (a
+  source-only model trained without photometric augmentation fails almost completely there, BENCHMARKS §16).
 - ``fog``: the default target's scenes in fog: haze thickening towards the horizon, low contrast.
 - ``suburb``: another city (class-frequency and layout shift): persons, poles (so traffic signs), buses and
   fences 2.5-5× rarer (pixel shares), wider roads, more vegetation and terrain, lower buildings, a lower horizon.
@@ -219,12 +221,14 @@ class Variant:
         return MinicityConfig(**{"source_images": 0, **dict(self.knobs), **overrides})
 
 
-_DUSK = (("illumination", 0.5), ("contrast", 0.65), ("tint", -0.5), ("noise", 2.5))
+_DUSK = (("illumination", 0.8), ("contrast", 0.85), ("tint", -0.3), ("noise", 1.5))
+_NIGHT = (("illumination", 0.5), ("contrast", 0.65), ("tint", -0.5), ("noise", 2.5))
 _SUBURB = (("target_rare", 0.3), ("target_green", 0.6), ("target_road", 1.35), ("target_horizon", 0.06))
 #: The named variants (``minicity:NAME`` dataset specs). Changing a variant's knobs regenerates its data (a
 #: new config hash), but the stage cache keys runs on the spec string and would not notice: add a new name.
 VARIANTS = {
-    "dusk": Variant("appearance: dark, low contrast, blue cast, strong noise (same scenes)", _DUSK),
+    "dusk": Variant("appearance: darker, lower contrast, blue cast, more noise (same scenes)", _DUSK),
+    "night": Variant("appearance: very dark, low contrast, strong blue cast and noise (same scenes)", _NIGHT),
     "fog": Variant("appearance: haze thickening towards the horizon, low contrast (same scenes)",
                    (("haze", 0.75), ("contrast", 0.75))),
     "suburb": Variant("class frequencies and layout: rare classes 2.5-5x rarer, wide roads, green, low horizon",
