@@ -1,4 +1,4 @@
-"""What a real search hands on (issue 24), checked on one small search for real (local Ray, SQLite MLflow store):
+"""What a real search hands on, checked on one small search for real (local Ray, SQLite MLflow store):
 the bad pairs it dropped (output, summary.json, MLflow), provenance tags on its parent and trial runs
 (``mlflow.source.git.commit`` included), and the confirmed winner as ``models:/rayuda-METHOD@champion``."""
 
@@ -11,8 +11,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 from test_stock_datasets import bad_labels, gta5_with_bad_pairs
+
+from rayuda.tracking import client_for
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
@@ -30,7 +31,7 @@ def search(tmp_path_factory):
            "--max-concurrent", "1", "--confirm-top", "1", "--confirm-seeds", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")  # tracking and registry: this search's store
     exp = client.get_experiment_by_name("rayuda-advent")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parent = next(r for r in runs if r.data.tags.get("rayuda.role") == "search")
