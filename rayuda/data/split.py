@@ -19,15 +19,10 @@ def image_draw(name: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def is_test_image(name: str, test_fraction: float, seed: int) -> bool:
-    """Whether image ``name`` belongs to the test part: its hash, read as a number in [0, 1), is below
-    ``test_fraction``."""
-    return image_draw(name, seed) < test_fraction
-
-
 def split_images(names: Sequence[str], test_fraction: float, seed: int,
                  max_selection: int | None = None) -> tuple[list[int], list[int]]:
-    """Indices of ``names`` in the selection part and in the test part.
+    """Indices of ``names`` in the selection part and in the test part: an image is test when its draw
+    (:func:`image_draw`) is below ``test_fraction``.
 
     ``max_selection`` caps the selection part: its images with the highest draws beyond the cap join the test
     part. The selection part is scored at every evaluation of every trial, the test part once per run, so on a
