@@ -26,7 +26,8 @@ from typing import Any
 from rayuda.config import ConfigError, flatten, load_yaml, set_key
 from rayuda.methods import default_config
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+#: Package data (shipped in the wheel); the checkout's top-level ``search_spaces/`` links here.
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 KNOB_TYPES = ("float", "int", "categorical")
 _KNOB_FIELDS = {"type", "low", "high", "log", "step", "choices", "default", "condition"}
 
