@@ -1,4 +1,5 @@
-"""The moving average of G's weights (``train.ema``): its arithmetic, what a stage hands on, and resume."""
+"""The moving average of G's weights (``train.ema``): its arithmetic, what a stage hands on, and resume; the
+float16 loss scale across a resume."""
 
 from __future__ import annotations
 
@@ -69,3 +70,27 @@ def test_a_decay_outside_zero_to_one_is_refused_before_any_compute(value, tmp_pa
     with pytest.raises(ConfigError, match="train.ema"):
         run_pipeline(cfg, tmp_path / "r", cache_dir=tmp_path / "c")
     assert not (tmp_path / "r").exists()
+
+
+def test_resuming_under_float16_amp_restores_the_loss_scale(tmp_path, monkeypatch):
+    """float16 autocast with a gradient scaler, emulated on the CPU: the scaler's state (its scale and growth
+    count) is checkpointed, so a resumed stage ends with the uninterrupted run's scaler and weights."""
+    from rayuda.engine import accel
+
+    monkeypatch.setattr(accel, "amp_dtype", lambda train, device: torch.float16)
+    cfg = tiny("advent")
+    run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a")
+
+    def stop(metrics, report_dir):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_pipeline(cfg, tmp_path / "resumed", report=stop, cache_dir=tmp_path / "cache-b")
+    resumed = run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache-b")
+    states = [torch.load(stage_dir(summary, "advent") / "checkpoint.pt", weights_only=True)
+              for summary in (run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a"), resumed)]
+    straight_scaler, resumed_scaler = (state["scaler"] for state in states)
+    assert straight_scaler is not None and straight_scaler["scale"] > 1
+    assert straight_scaler == resumed_scaler
+    assert all(torch.equal(a, b) for a, b in zip(states[0]["model"].values(), states[1]["model"].values(),
+                                                strict=True))

@@ -113,7 +113,7 @@ def build_context(config, params, method: Method, model: nn.Module, data: StageD
     if len(ctx.discriminators):
         ctx.opt_d = torch.optim.Adam(ctx.discriminators.parameters(), lr=optim["lr_d"], betas=tuple(optim["betas"]))
     if ctx.amp_dtype == torch.float16:
-        ctx.scaler = torch.amp.GradScaler("cuda")
+        ctx.scaler = torch.amp.GradScaler(device.type)
     return ctx
 
 
@@ -165,6 +165,8 @@ def train_stage(
         method.load_state_dict(state["method"])
         if average is not None:
             average.load_state_dict(state["ema"])
+        if ctx.scaler is not None and state.get("scaler"):  # float16's loss scale and its growth count
+            ctx.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start, best = state["iteration"], state["best"]
         _truncate(log_path, start)
@@ -178,7 +180,8 @@ def train_stage(
         atomic_save({"model": model.state_dict(), "discriminators": ctx.discriminators.state_dict(),
                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict() if opt_d is not None else None,
                      "method": method.state_dict(), "iteration": done, "rng": rng_state(), "best": best,
-                     "ema": average.state_dict() if average is not None else None},
+                     "ema": average.state_dict() if average is not None else None,
+                     "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None},
                     state_path)
 
     def evaluate_and_report(done: int, losses: dict[str, float]) -> dict[str, Any]:
