@@ -1,4 +1,4 @@
-"""CADA (issue 12): the category-adaptive threshold rule on a hand-made prediction map, the style vector and its
+"""CADA: the category-adaptive threshold rule on a hand-made prediction map, the style vector and its
 discriminators, one training step of each stage on stub networks against losses computed by hand, and a tiny
 minicity pipeline whose stage cache is shared across Δ and rounds."""
 

@@ -181,7 +181,7 @@ def test_every_node_installs_the_locked_environment(config):
     assert "--dashboard-host=127.0.0.1" in config["head_start_ray_commands"][1]
 
 
-# -- the container path (issue 24): rayuda's image through Ray's docker: section ------------------------------------
+# -- the container path: rayuda's image through Ray's docker: section ------------------------------------
 DOCKERFILE = REPO / "Dockerfile"
 
 

@@ -1,4 +1,4 @@
-"""deploy/rayjob.yaml (issue 24): the KubeRay RayJob that runs ``python -m rayuda.tune``, checked offline against
+"""deploy/rayjob.yaml: the KubeRay RayJob that runs ``python -m rayuda.tune``, checked offline against
 KubeRay's own RayJob schema (the v1.7.0 CRD's openAPIV3Schema, tests/data, made by deploy/kuberay_schema.py) with
 unknown fields refused as ``kubectl apply --validate=strict`` refuses them, and its entrypoint parsed by rayuda."""
 

@@ -1,4 +1,4 @@
-"""Paper-protocol evaluation (issue 24): a real dataset's holdout is scored at each label's own resolution (logits
+"""Paper-protocol evaluation: a real dataset's holdout is scored at each label's own resolution (logits
 upsampled to the label, as ``rayuda.predict`` and the papers do), one image at a time; the config and the summary
 say which protocol a number used."""
 

@@ -1,4 +1,4 @@
-"""Paper-scale settings (issue 14): Caffe preprocessing, per-domain sizes, the poly decay length, the
+"""Paper-scale settings: Caffe preprocessing, per-domain sizes, the poly decay length, the
 upsampling convention — each a config key that reaches the code that uses it."""
 
 from __future__ import annotations

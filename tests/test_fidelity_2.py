@@ -1,6 +1,6 @@
-"""Fidelity, second pass (issue 23): five defaults read against the papers — CRAM's style layers, PixIntraDA's
+"""Five defaults read against the papers — CRAM's style layers, PixIntraDA's
 inter-domain model, CRA's adversarial step, CADA's output discriminator, and the search ranges. Each test fails
-on rayuda's behaviour before the issue."""
+on rayuda's earlier behaviour."""
 
 from __future__ import annotations
 

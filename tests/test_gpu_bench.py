@@ -1,4 +1,4 @@
-"""bench/gpu.sh (issue 16) in its CPU dry run: the script runs end to end and writes its table."""
+"""bench/gpu.sh in its CPU dry run: the script runs end to end and writes its table."""
 
 from __future__ import annotations
 

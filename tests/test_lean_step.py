@@ -1,4 +1,4 @@
-"""The lean training step (issue 16): the source loss is backpropagated before the target forward pass (the
+"""The lean training step: the source loss is backpropagated before the target forward pass (the
 ADVENT reference's order, so the source graph is freed early) with the gradients of the old single
 backward over both domains; losses stay on the device until the loop logs them."""
 
@@ -54,7 +54,7 @@ def _batches():
     return source, target
 
 
-# --- the old order: both forward passes, one backward over the summed loss (the code before issue 16) -----------
+# --- the old order: both forward passes, one backward over the summed loss (rayuda's step before the lean order)
 
 def _old_cram(method, ctx, source, target):
     p = ctx.params
@@ -72,7 +72,7 @@ def _old_cram(method, ctx, source, target):
     ctx.step_generator(loss_g)
 
 
-# the single-backward steps as they were before issue 16 (bench/step_profile.py measures them too)
+# the single-backward steps as they were before the lean order (bench/step_profile.py measures them too)
 OLD = {"advent": old_adversarial, "adaptsegnet": old_adversarial, "cram": _old_cram, "fgdem": old_fgdem}
 
 

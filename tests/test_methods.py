@@ -123,7 +123,7 @@ def test_registry_lists_every_method():
 
 
 # --- steps on a stub G whose maps depend on the image, with discriminators that see their input ------------
-# (issue 14, item 7: a constant D cannot tell a label swap; "both changed" cannot tell a G step that also moves D)
+# (a constant D cannot tell a label swap; "both changed" cannot tell a G step that also moves D)
 
 from rayuda.methods.base import SOURCE, TARGET  # noqa: E402
 
@@ -140,7 +140,7 @@ class StubG(nn.Module):
         self.z_aux = nn.Parameter(torch.randn(1, num_classes, *size, generator=gen)) if multi_level else None
         self.feats = nn.ParameterDict({f"layer{i + 2}": nn.Parameter(torch.randn(1, c, *size, generator=gen))
                                        for i, c in enumerate(channels)})
-        # layer1 (CRAM's default style layer since issue 23), drawn last so layer2..layer4 keep their values
+        # layer1 (CRAM's default style layer, the paper's Conv2), drawn last so layer2..layer4 keep their values
         self.feats["layer1"] = nn.Parameter(torch.randn(1, 2, *size, generator=gen))
 
     @property

@@ -1,4 +1,4 @@
-"""``--storage s3://BUCKET/PATH`` (issue 24) against a real S3-compatible server started on 127.0.0.1 (moto's server
+"""``--storage s3://BUCKET/PATH`` against a real S3-compatible server started on 127.0.0.1 (moto's server
 mode, a test dependency in requirements.lock): Ray's experiment state goes to the bucket, rayuda's files to the
 shared POSIX work folder, and ``--resume`` restores the search from the bucket."""
 

@@ -1,4 +1,4 @@
-"""Provenance (issue 24): library, CUDA/cuDNN and code versions (git commit and dirty flag from a checkout) in every
+"""Provenance: library, CUDA/cuDNN and code versions (git commit and dirty flag from a checkout) in every
 summary.json and as MLflow tags, ``mlflow.source.git.commit`` included."""
 
 from __future__ import annotations

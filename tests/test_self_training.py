@@ -262,7 +262,7 @@ def pseudo_batch(label):
 P0 = math.exp(2) / (math.exp(2) + 1)  # softmax([2, 0])[0]
 
 
-CRA_KNOBS = get_method("cra").defaults["cra"]  # w_adv 1, g_steps 2, adv_normalise untrusted (issue 23)
+CRA_KNOBS = get_method("cra").defaults["cra"]  # w_adv 1, g_steps 2, adv_normalise untrusted (the paper's)
 
 
 def cra_step():
@@ -275,7 +275,7 @@ def check_cra_step(losses):
     assert losses["seg"] == pytest.approx(-math.log(P0), rel=1e-6)  # CE on the trusted pixel 0 only
     want_d, want_g = cra_expected([P0, 1 - P0], [0.5, 0.5])  # pixel 0 → [a;0], pixel 1 → [0;a]; G: pixel 1 → [a;0]
     assert losses["d"] == pytest.approx(want_d, rel=1e-6)
-    # issue 23: eq. 7 is a mean over the untrusted pixels (1 of 2 here), not over all pixels (want_g: ÷ 2)
+    # eq. 7 is a mean over the untrusted pixels (1 of 2 here), not over all pixels (want_g: ÷ 2)
     assert losses["adv"] == pytest.approx(2 * want_g, rel=1e-6)
     assert losses["trusted"] == 0.5
 
@@ -362,7 +362,7 @@ def test_pixintrada_round_one_and_the_inter_stage_are_shared():
     two = chain_keys(resolve_config("pixintrada"))
     assert list(one) == ["source_only", "inter", "split", "intra"] and one.items() <= two.items()
     assert list(two)[4:] == ["split2", "intra2"]
-    # with inter_method: advent (the default before issue 23; now adaptsegnet) it is the very stage intrada trains
+    # with inter_method: advent (the earlier default; now adaptsegnet, the paper's) it is the very stage intrada trains
     advent = chain_keys(resolve_config("pixintrada", {"params.inter_method": "advent"}))
     assert chain_keys(resolve_config("intrada"))["inter"] == advent["inter"] != two["inter"]
     with pytest.raises(ConfigError, match="round2.intra.adversarial"):

@@ -1,4 +1,4 @@
-"""Stock datasets (issue 24): image/label pairs of different sizes, as the stock GTA5 download has, are refused
+"""Stock datasets: image/label pairs of different sizes, as the stock GTA5 download has, are refused
 in one line naming them, or dropped with ``data.bad_pairs=skip`` and listed (output, summary.json, MLflow)."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Plan: source-only → ``adapt`` → (``thresholds<k>`` → ``round<k>``, reporte
   class l). With 16 classes entropies shrink by at most log 15 / log 18 ≈ 0.94 (only the mass off the
   argmax spreads over fewer classes), so the same range serves (``bench/cada_delta.py`` measures a model).
 * ``round<k>`` (eq. 6): ``L = w_source·L_seg + w_ssl·L_ssl`` on source labels and the pass's pseudo-labels.
-  The source CE is kept (choice, as the brief asks; ``ssl.w_source: 0`` gives eq. 6 alone). Rounds chain:
+  The source CE is kept (rayuda's choice; ``ssl.w_source: 0`` gives eq. 6 alone). Rounds chain:
   round k starts from round k−1's model and its labels come from that model.
 
 Stage names are stable, so trials with rounds = 1, 2, 3 share round 1 (and 2) in the stage cache; every round

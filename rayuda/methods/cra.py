@@ -1,4 +1,4 @@
-"""``cra`` — Cross-Region Adaptation (CRA, seed paper 002), run after any cross-domain (CDA) method.
+"""``cra`` — Cross-Region Adaptation (CRA; Wang et al.), run after any cross-domain (CDA) method.
 
 Plan: source-only → ``cda`` → ``regions`` (pseudo-label pass) → ``cra`` (reported).
 

@@ -55,7 +55,7 @@ class FGDEM(Method):
         "clamp": 0.9,
     }
     has_discriminators = True
-    version = 2  # 2: multi-level G adapts both levels (issue 14)
+    version = 2  # 2: multi-level G adapts both levels
 
     def setup(self, ctx):
         layers = sorted(ctx.feature_channels)

@@ -1,4 +1,4 @@
-"""``pixintrada`` — Pixel-level Intra-domain Adaptation (Yan et al., ACM MM 2021; seed paper 003).
+"""``pixintrada`` — Pixel-level Intra-domain Adaptation (Yan et al., ACM MM 2021).
 
 Plan: source-only → ``inter`` → ``split`` (pass) → ``intra`` (reported) [→ ``split2`` → ``intra2`` (reported)].
 
