@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow_store import fresh_store
 
 from rayuda.config import ConfigError
 from rayuda.storage import MARKER, check_marker, check_shared, is_uri, join, write_markers
@@ -48,7 +49,7 @@ def keys(client, prefix: str) -> list[str]:
 
 def tune(tmp_path: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rayuda.tune", "advent", "--storage", f"s3://{BUCKET}/searches",
-           "--work-dir", str(tmp_path / "work"), "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--work-dir", str(tmp_path / "work"), "--name", "s", "--mlflow-uri", fresh_store(tmp_path / "mlflow.db"),
            "--best", str(tmp_path / "best.yaml"), *TINY, "--num-samples", "2", "--max-iters", "2", "--grace", "2",
            "--max-concurrent", "1", "--no-confirm", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, **env})

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from mlflow_store import fresh_store
 from test_stock_datasets import bad_labels, gta5_with_bad_pairs
 
 from rayuda.tracking import client_for
@@ -26,7 +27,7 @@ def search(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("search")
     source = gta5_with_bad_pairs(tmp_path / "gta5")
     cmd = [sys.executable, "-m", "rayuda.tune", "advent", "--source", f"gta5:{source}", "--set", "data.bad_pairs=skip",
-           "--storage", str(tmp_path / "store"), "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--storage", str(tmp_path / "store"), "--name", "s", "--mlflow-uri", fresh_store(tmp_path / "mlflow.db"),
            "--best", str(tmp_path / "best.yaml"), *TINY, "--num-samples", "2", "--max-iters", "2", "--grace", "2",
            "--max-concurrent", "1", "--confirm-top", "1", "--confirm-seeds", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow_store import fresh_store
 
 from rayuda.tracking import client_for
 
@@ -23,7 +24,7 @@ TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "da
 
 def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rayuda.tune", "advent", "--storage", str(tmp_path / "store"), "--name", "s",
-            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"),
+            "--mlflow-uri", fresh_store(tmp_path / "mlflow.db"), "--best", str(tmp_path / "best.yaml"),
             *TINY, *extra]
 
 
