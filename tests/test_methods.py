@@ -391,7 +391,7 @@ def test_cram_rejects_an_unknown_order():
 
 @pytest.mark.parametrize("order,same", [("g_first", True), ("d_first", False)])
 def test_cram_with_shannon_entropy_and_no_style_is_advent_only_in_g_first_order(order, same):
-    """Issue 14 item 6: the ablation ``entropy: shannon, sfa: false`` equals advent when the order matches."""
+    """The ablation ``entropy: shannon, sfa: false`` equals advent when the order matches."""
     m_cram, c_cram = stub_context("cram", multi_level=True, entropy="shannon", sfa=False, order=order, w_adv=1.0)
     m_adv, c_adv = stub_context("advent", multi_level=True, w_adv=1.0)
     for method, ctx in ((m_cram, c_cram), (m_adv, c_adv)):
@@ -406,7 +406,7 @@ def test_cram_with_shannon_entropy_and_no_style_is_advent_only_in_g_first_order(
 
 @pytest.mark.parametrize("name", ["adaptsegnet", "advent", "cram"])
 def test_adversarial_maps_keep_each_domain_at_its_own_size(name):
-    """Issue 14 item 2: source maps are not resized to the target's size before D (ADVENT keeps both)."""
+    """Source maps are not resized to the target's size before D (ADVENT keeps both)."""
     method, ctx = stub_context(name, lr_g=0.0, lr_d=0.0)
     target = {"image": torch.full((1, 3, 3, 5), 1.5), "label": torch.full((1, 3, 5), 255)}
     method.train_step(ctx, SRC, target)
@@ -415,7 +415,7 @@ def test_adversarial_maps_keep_each_domain_at_its_own_size(name):
 
 
 def test_fgdem_adapts_both_levels_of_a_multi_level_g():
-    """Issue 14 item 4: conv4 (aux) and conv5 (main) features each get a fine-grained D; level weights 1 / 0.2."""
+    """Conv4 (aux) and conv5 (main) features each get a fine-grained D; level weights 1 / 0.2."""
     temperature, clamp = 1.8, 0.9
     method, ctx = stub_context("fgdem", multi_level=True, lr_g=0.0, lr_d=0.0, lambda_ent=0.5)
     assert set(ctx.discriminators) == {"fine", "fine_aux"}

@@ -155,7 +155,7 @@ def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-3000:]
     _, _, before = runs_of(tmp_path)
-    assert 1 <= len(before) < 3 or proc.returncode == 130
+    assert 1 <= len(before) < 3, out[-3000:]  # interrupted mid-search: some trials logged, not all
 
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
