@@ -281,8 +281,10 @@ def driver_kill(tmp: Path) -> None:
         time.sleep(5)
     resumed = run([*args, "--resume"], tmp)
     state, dupes = mlflow_state(tmp, "driverkill")
-    record = json.loads((tmp / "store" / "driverkill" / "work" / "optuna_trials.json").read_text())
-    states = ", ".join(f"{s}" for s in sorted(r["state"] for r in record))
+    from rayuda.hpo.searcher import JOURNAL, load_search_study
+
+    study = load_search_study(tmp / "store" / "driverkill" / "work" / JOURNAL, "driverkill")
+    states = ", ".join(sorted(t.state.name for t in study.trials))
     row(f"tune: driver SIGKILLed, then --resume (Optuna: {states})", resumed, mlflow=state, dupes=dupes,
         lost="the running trial's iterations since its last checkpoint")
 

@@ -69,7 +69,7 @@ def write_variant(out: Path, small: bool) -> Path:
 
 def sample_knobs(method: str, rng: np.random.Generator) -> dict:
     """Knob values drawn uniformly (log-uniformly for log knobs) from the method's search space."""
-    from rayuda.search import load_space
+    from rayuda.hpo.space import load_space
 
     values = {}
     for knob in load_space(method).knobs:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from rayuda.config import ConfigError
-from rayuda.confirm import DEFAULTS, candidates, confirmation_seeds, verdict
 from rayuda.data.split import split_images
 from rayuda.engine.pipeline import describe_holdout, holdout_parts
+from rayuda.hpo.confirm import DEFAULTS, candidates, confirmation_seeds, verdict
 from rayuda.methods import resolve_config
 
 
@@ -82,8 +82,8 @@ def test_per_class_thresholds_become_a_table_a_chart_and_best_yaml_lines(tmp_pat
     import csv
     import json
 
+    from rayuda.hpo.report import threshold_lines
     from rayuda.tracking import threshold_tables
-    from rayuda.tune import threshold_lines
 
     stages = [{"stage": "source_only", "cache": "hit"},
               {"stage": "split", "cache": "miss", "per_class": {"road": {"threshold": 0.82, "kept_share": 0.64},

@@ -100,7 +100,8 @@ def test_every_ray_pod_runs_rayudas_image_with_the_shared_volume():
 
 
 def test_the_entrypoint_is_a_search_rayuda_accepts():
-    from rayuda.tune import build_parser, method_config
+    from rayuda.hpo.cli import build_parser
+    from rayuda.hpo.prepare import method_config
 
     words = shlex.split(documents()["RayJob"]["spec"]["entrypoint"])
     assert words[:3] == ["python", "-m", "rayuda.tune"]

@@ -15,6 +15,7 @@ from torch import nn
 from rayuda import losses as L
 from rayuda.config import ConfigError
 from rayuda.engine.plan import stage_key, stage_slice
+from rayuda.hpo.space import load_space
 from rayuda.methods import cram as cram_module
 from rayuda.methods import default_config, get_method, plan_of, resolve_config
 from rayuda.methods.adaptsegnet import AdaptSegNet
@@ -23,7 +24,6 @@ from rayuda.methods.cada import CADAAdapt
 from rayuda.methods.context import TrainContext
 from rayuda.methods.cra import CRA
 from rayuda.models import OutputDiscriminator, SegOutput, build_segmenter
-from rayuda.search import load_space
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 

@@ -4,7 +4,6 @@ shared POSIX work folder, and ``--resume`` restores the search from the bucket."
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow_store import fresh_store
 
 from rayuda.config import ConfigError
+from rayuda.hpo.searcher import JOURNAL, load_search_study
 from rayuda.storage import MARKER, check_marker, check_shared, is_uri, join, write_markers
 
 BUCKET = "rayuda-test"
@@ -120,5 +120,5 @@ def test_a_search_keeps_rays_state_in_the_bucket_and_resumes_from_it(s3, tmp_pat
     runs = client_ml.search_runs([client_ml.get_experiment_by_name("rayuda-advent").experiment_id])
     trials = [r for r in runs if r.data.tags.get("rayuda.role") == "trial"]
     assert len(trials) == 2 and len({r.data.tags["rayuda.trial_id"] for r in trials}) == 2  # none duplicated
-    record = json.loads((work / "work" / "optuna_trials.json").read_text())
-    assert sorted(r["state"] for r in record) == ["COMPLETE", "COMPLETE"]
+    study = load_search_study(work / "work" / JOURNAL, work.name)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]

@@ -18,6 +18,7 @@ from rayuda.data import DatasetError, open_dataset
 from rayuda.data.verify import verify_dataset
 from rayuda.engine import run_pipeline
 from rayuda.engine.loop import NonFiniteLoss, _truncate
+from rayuda.hpo.searcher import JOURNAL, load_search_study
 from rayuda.methods import resolve_config
 
 TINY = {"data.size": [32, 64], "data.batch_size": 2, "data.holdout": 4, "train.eval_every": 2,
@@ -213,13 +214,13 @@ def test_a_search_whose_every_trial_diverges_fails_honestly(tmp_path):
     assert len(children) == 2 and all(c.info.status == "FAILED" for c in children)
     assert all("non-finite" in c.data.tags["rayuda.error"] or "became" in c.data.tags["rayuda.error"]
                for c in children)
-    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
-    assert sorted(r["state"] for r in record) == ["FAIL", "FAIL"]
+    study = load_search_study(tmp_path / "store" / "s" / "work" / JOURNAL, "s")
+    assert sorted(t.state.name for t in study.trials) == ["FAIL", "FAIL"]
     assert not (tmp_path / "best.yaml").exists()
 
 
 def test_resume_refuses_state_files_anyone_can_write(tmp_path):
-    from rayuda.tune import check_trusted
+    from rayuda.hpo.places import check_trusted
 
     exp = tmp_path / "s"
     exp.mkdir()

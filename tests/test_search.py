@@ -10,9 +10,10 @@ import optuna
 import pytest
 
 from rayuda.config import ConfigError
+from rayuda.hpo.prepare import auto_space, longest_trial
+from rayuda.hpo.searcher import StudySearcher, load_search_study, make_sampler, tpe_startup_trials
+from rayuda.hpo.space import load_space, optuna_space
 from rayuda.methods import METHODS
-from rayuda.search import load_space, optuna_space
-from rayuda.tune import make_sampler, make_searcher, study_from_record, tpe_startup_trials
 
 
 def write(tmp_path, text: str):
@@ -90,10 +91,8 @@ def test_conditional_knob_exists_only_when_its_condition_holds(tmp_path):
 
 def _searcher(tmp_path):
     space = load_space("advent")
-    searcher = make_searcher(optuna_space(space), metric="score", sampler=make_sampler("tpe", 0, 6),
-                             first=space.defaults(), record=tmp_path / "record.json")
-    searcher.set_search_properties("score", "max", {})
-    return searcher
+    return StudySearcher(optuna_space(space), metric="score", sampler=make_sampler("tpe", 0, 6),
+                         storage=tmp_path / "optuna.journal", study_name="s", first=space.defaults())
 
 
 def test_defaults_are_the_first_trial(tmp_path):
@@ -104,8 +103,7 @@ def test_defaults_are_the_first_trial(tmp_path):
     assert second != first
 
 
-def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(tmp_path):
-    searcher = _searcher(tmp_path)
+def _run_three_trials(searcher):
     for tid in ("full", "stopped", "failed"):
         searcher.suggest(tid)
     for step, score in ((25, 0.1), (50, 0.2), (100, 0.3)):
@@ -117,20 +115,40 @@ def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(t
     searcher.on_trial_complete("full", {"score": 0.3, "iteration": 100, "training_iteration": 4, "last_report": True})
     searcher.on_trial_complete("failed", None, error=True)
 
-    trials = {t.number: t for t in searcher._ot_study.trials}
-    full, stopped, failed = trials[0], trials[1], trials[2]
+
+def test_trials_stopped_early_reach_optuna_as_pruned_and_full_ones_as_complete(tmp_path):
+    searcher = _searcher(tmp_path)
+    _run_three_trials(searcher)
+    assert searcher.pruned == {"stopped"} and searcher.finished == {"full", "stopped", "failed"}
+    full, stopped, failed = load_search_study(tmp_path / "optuna.journal", "s").trials  # read back from disk
     assert full.state == optuna.trial.TrialState.COMPLETE and full.value == pytest.approx(0.3)
+    assert full.intermediate_values == {25: 0.1, 50: 0.2, 100: 0.3}
     assert stopped.state == optuna.trial.TrialState.PRUNED
     assert stopped.intermediate_values == {25: 0.05, 50: 0.07}  # reported at the engine's iteration
     assert failed.state == optuna.trial.TrialState.FAIL
-    rebuilt = study_from_record(tmp_path / "record.json")
-    assert [t.state.name for t in rebuilt.trials] == ["COMPLETE", "PRUNED"]
+
+
+def test_a_restored_searcher_continues_the_study_on_disk(tmp_path):
+    import pickle
+
+    searcher = _searcher(tmp_path)
+    searcher.suggest("t0")
+    searcher.on_trial_result("t0", {"score": 0.1, "iteration": 2})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = pickle.loads(pickle.dumps(_searcher(tmp_path)))  # as Ray unpickles it from its experiment state
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("t0") == load_space("advent").defaults()  # the running trial keeps its knobs
+    restored.on_trial_result("t0", {"score": 0.1, "iteration": 2})  # a replayed report is not told twice
+    restored.on_trial_complete("t0", {"score": 0.2, "iteration": 4, "last_report": True})
+    restored.suggest("t1")
+    trials = load_search_study(tmp_path / "optuna.journal", "s").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"]  # no second copy of the defaults
+    assert trials[0].intermediate_values == {2: 0.1, 4: 0.2} and trials[0].value == pytest.approx(0.2)
 
 
 def test_a_space_across_methods_names_each_knob_by_its_method_and_builds_each_trials_config():
+    from rayuda.hpo.space import config_for
     from rayuda.methods import resolve_config
-    from rayuda.search import config_for
-    from rayuda.tune import auto_space
 
     space = auto_space({m: load_space(m) for m in ("advent", "cram")})
     names = [k.name for k in space.knobs]
@@ -150,7 +168,6 @@ def test_a_space_across_methods_names_each_knob_by_its_method_and_builds_each_tr
 def test_asha_max_t_covers_the_longest_plan_a_knob_can_make():
     from rayuda.engine.plan import reported_iterations
     from rayuda.methods import resolve_config
-    from rayuda.tune import longest_trial
 
     cfg = resolve_config("cada")
     assert longest_trial(cfg, load_space("cada")) == reported_iterations(resolve_config("cada", {"params.rounds": 3}))

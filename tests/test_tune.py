@@ -16,6 +16,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow_store import fresh_store
 
+from rayuda.hpo.searcher import JOURNAL, load_search_study
+from rayuda.hpo.space import load_space
 from rayuda.tracking import client_for
 
 TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
@@ -97,13 +99,12 @@ def test_asha_stopped_trials_are_pruned_in_the_optuna_study(search):
     tmp_path, _ = search
     _, _, children = runs_of(tmp_path)
     stopped = sum(c.data.tags["rayuda.outcome"] == "early_stopped" for c in children)
-    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
-    states = sorted(r["state"] for r in record)
+    trials = load_search_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s").trials
+    states = sorted(t.state.name for t in trials)
     assert states.count("PRUNED") == stopped
     assert states.count("COMPLETE") == 4 - stopped
-    for row in record:
-        last = max(int(k) for k in row["intermediate_values"])
-        assert last == (4 if row["state"] == "COMPLETE" else 2)
+    for trial in trials:
+        assert max(trial.intermediate_values) == (4 if trial.state.name == "COMPLETE" else 2)
 
 
 def test_the_optuna_study_is_kept_in_the_rdb_for_optuna_dashboard(search):
@@ -111,10 +112,9 @@ def test_the_optuna_study_is_kept_in_the_rdb_for_optuna_dashboard(search):
 
     tmp_path, _ = search
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
-    assert len(study.trials) == 4
-    assert [t.state.name for t in study.trials] == [r["state"] for r in record]
-    assert study.trials[0].params == record[0]["params"]
+    assert len(study.trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert study.trials[0].params == load_space("advent").defaults()  # the paper defaults come first
+    assert not (tmp_path / "store" / "s" / "work" / JOURNAL).exists()  # the one study lives in the RDB
 
 
 def test_source_stage_is_trained_once_per_search(search):
@@ -164,8 +164,8 @@ def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     ids = [c.data.tags["rayuda.trial_id"] for c in children]
     assert len(ids) == 3 and len(set(ids)) == 3
     assert all(c.info.status == "FINISHED" for c in children)
-    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
-    assert sorted(r["state"] for r in record) == ["COMPLETE"] * 3
+    study = load_search_study(tmp_path / "store" / "s" / "work" / JOURNAL, "s")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
 
 
 def unlabelled_folder(root: Path, count: int = 6) -> Path:
@@ -220,9 +220,9 @@ def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "3 trials × 4 iterations" in proc.stdout  # max_t = round 1 + round 2
-    record = json.loads((tmp_path / "store" / "s" / "work" / "optuna_trials.json").read_text())
-    complete = [r for r in record if r["state"] == "COMPLETE"]
-    assert complete and all(set(r["intermediate_values"]) == {"2", "4"} for r in complete)
+    trials = load_search_study(tmp_path / "store" / "s" / "work" / JOURNAL, "s").trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert complete and all(set(t.intermediate_values) == {2, 4} for t in complete)
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "store" / "s" / "work").glob("trials/*/summary.json")]
     assert len(summaries) == len(complete)
     round1 = sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == "round1") for summary in summaries)

@@ -22,7 +22,7 @@ import rayuda
 import yaml
 from rayuda.engine.plan import check_plan
 from rayuda.methods import METHODS, plan_of, resolve_config
-from rayuda.search import load_space
+from rayuda.hpo.space import load_space
 home = pathlib.Path(rayuda.__file__).resolve()
 assert pathlib.Path(sys.prefix).resolve() in home.parents, f"rayuda imported from {home}, not the wheel install"
 for method in sorted(METHODS):

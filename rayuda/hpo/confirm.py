@@ -1,0 +1,137 @@
+"""The confirmation phase of a search: is the winner better than the paper's defaults, beyond seed noise?
+
+A search selects on one seed and one set of images, so its best trial is an optimistic pick. After the
+search, the top-K configs by selection score and the paper defaults are rerun at full length on N seeds
+the search did not use, as Ray trials sharing the stage cache, and compared on the holdout's *test* part
+(images no selection saw), paired by seed. The verdict names a winner only when it beats the defaults by
+at least ``min_gain`` mIoU and by more than twice the standard error of the paired differences.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayuda.hpo.prepare import ConfirmPlan
+from rayuda.hpo.trainable import TrialSetup, confirmation_dir, run_confirmation
+
+DEFAULTS = "defaults"
+
+
+def confirmation_seeds(search_seed: int, count: int) -> list[int]:
+    """``count`` seeds other than the search's."""
+    return [search_seed + 1 + i for i in range(count)]
+
+
+def candidates(rows: list[dict[str, Any]], defaults: dict[str, Any], top_k: int) -> dict[str, dict[str, Any]]:
+    """The paper defaults plus the ``top_k`` finished trials by selection score (``rows``: the trials table
+    with each trial's ``knobs``); a trial whose knobs are the defaults is the defaults."""
+    chosen = {DEFAULTS: dict(defaults)}
+    finished = [r for r in rows if r["outcome"] == "finished" and not math.isnan(r["best_score"])]
+    for row in sorted(finished, key=lambda r: -r["best_score"]):
+        if len(chosen) > top_k:
+            break
+        if row["knobs"] != defaults and row["knobs"] not in chosen.values():
+            chosen[f"trial {row['trial']}"] = dict(row["knobs"])
+    return chosen
+
+
+def verdict(scores: dict[str, dict[int, float]], min_gain: float = 1.0, what: str = "test mIoU") -> dict[str, Any]:
+    """Compare every candidate with the defaults, paired by seed. ``scores[name][seed]`` is a fraction
+    (mIoU) or a selection score; differences are reported in points (×100).
+
+    Returns ``{"rows": [...], "winner": name, "text": ...}``; the winner is the defaults unless a candidate's
+    mean paired gain is ≥ ``min_gain`` and above twice its standard error.
+    """
+    base = scores[DEFAULTS]
+    rows, best = [], None
+    for name, per_seed in scores.items():
+        seeds = sorted(per_seed)
+        values = [100 * per_seed[s] for s in seeds]
+        diffs = [100 * (per_seed[s] - base[s]) for s in seeds if s in base]
+        row = {"config": name, "seeds": seeds, "mean": statistics.mean(values),
+               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
+        if name != DEFAULTS and diffs:
+            row["gain"] = statistics.mean(diffs)
+            row["gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else float("inf")
+            standard_error = row["gain_std"] / math.sqrt(len(diffs))
+            row["beats_defaults"] = row["gain"] >= min_gain and row["gain"] > 2 * standard_error
+            if row["beats_defaults"] and (best is None or row["mean"] > best["mean"]):
+                best = row
+        rows.append(row)
+    n = len(base)
+    if best is not None:
+        text = (f"{best['config']} beats the defaults by {best['gain']:.2f} ± {best['gain_std']:.2f} {what} "
+                f"(paired, over {n} fresh seeds): use it")
+        winner = best["config"]
+    else:
+        top = max((r for r in rows if "gain" in r), key=lambda r: r["gain"], default=None)
+        shown = f" (best: {top['config']}, {top['gain']:+.2f} ± {top['gain_std']:.2f})" if top else ""
+        text = (f"no config beat the defaults beyond seed noise over {n} fresh seeds{shown}; "
+                f"keep the defaults")
+        winner = DEFAULTS
+    return {"rows": rows, "winner": winner, "text": text, "metric": what, "min_gain": min_gain}
+
+
+def table_markdown(result: dict[str, Any]) -> str:
+    lines = [f"| config | {result['metric']} mean ± std | per seed | paired gain vs defaults |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        gain = f"{r['gain']:+.2f} ± {r['gain_std']:.2f}" if "gain" in r else "—"
+        per_seed = ", ".join(f"{v:.2f}" for v in r["per_seed"])
+        lines.append(f"| {r['config']} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | {gain} |")
+    return "\n".join(lines) + f"\n\n**Verdict:** {result['text']}\n"
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The confirmation's outcome: the candidates it reran (name → knobs) and their :func:`verdict`."""
+
+    candidates: dict[str, dict[str, Any]]
+    verdict: dict[str, Any]
+
+    @property
+    def winner(self) -> str:
+        return self.verdict["winner"]
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        """The winner's knobs."""
+        return self.candidates[self.winner]
+
+    def run_dir(self, work_root: Path) -> Path:
+        """The winner's run folder at its first fresh seed (what ``rayuda.predict SEARCH_FOLDER`` uses)."""
+        return confirmation_dir(work_root, self.winner, self.verdict["rows"][0]["seeds"][0])
+
+
+def confirmation_phase(setup: TrialSetup, rows: list[dict[str, Any]], defaults: dict[str, Any], plan: ConfirmPlan,
+                       *, resources: dict[str, float], concurrent: int | None) -> Confirmation:
+    """Rerun the defaults and the ``plan.top_k`` best finished trials at full length on ``plan.seeds`` fresh seeds
+    (a Ray ``Tuner``, grid over config × seed, sharing the stage cache) and compare them (:func:`verdict`) on test
+    mIoU — or, on a target without labelled images, on the final label-free score."""
+    from ray import tune
+
+    cfg = next(iter(setup.configs.values()))
+    chosen = candidates(rows, defaults, plan.top_k)
+    fresh = confirmation_seeds(int(cfg["seed"]), plan.seeds)
+    print(f"\nconfirmation: {len(chosen)} configs ({', '.join(chosen)}) × seeds {fresh}, full length", flush=True)
+    trainable = tune.with_resources(tune.with_parameters(run_confirmation, setup=setup, candidates=chosen),
+                                    resources)
+    tuner = tune.Tuner(trainable,
+                       param_space={"candidate": tune.grid_search(list(chosen)), "seed": tune.grid_search(fresh)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                       run_config=tune.RunConfig(name="confirmation", storage_path=setup.work_root, verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    finals: dict[str, dict[int, dict[str, float]]] = {}
+    for result in tuner.fit():
+        if result.error is not None:
+            raise RuntimeError(f"a confirmation run failed: {result.error}")
+        m = result.metrics
+        finals.setdefault(m["candidate"], {})[int(m["seed"])] = m
+    labelled = not any(math.isnan(m["test_miou"]) for runs in finals.values() for m in runs.values())
+    key = "test_miou" if labelled else "score"
+    scores = {name: {seed: m[key] for seed, m in runs.items()} for name, runs in finals.items()}
+    what = "test mIoU" if labelled else f"final {cfg['train']['metric']} score ×100"
+    return Confirmation(chosen, verdict(scores, plan.min_gain, what))
