@@ -1,4 +1,4 @@
-"""``check_inputs`` at the size of the stock GTA5 (issue 24): a GTA5-layout folder of N small image/label pairs
+"""``check_inputs`` at the size of the stock GTA5 (24,966 pairs): a GTA5-layout folder of N small image/label pairs
 (minicity's source rendering, copied in rotation: real PNGs, 64×128) with two bad pairs (labels one row short),
 checked as a run checks it — source train, target train and target val (the folder is both) — in fresh
 processes, so each phase's peak memory (``resource.getrusage``) is its own:

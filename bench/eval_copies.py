@@ -1,4 +1,5 @@
-"""Bytes written per evaluation of a search trial (issue 24, item 6), on DeepLab-v2 ResNet-101 (multi-level, as the
+"""Bytes written per evaluation of a search trial (what Ray checkpoints, with and without G's weights), on
+DeepLab-v2 ResNet-101 (multi-level, as the
 GTA5 → Cityscapes presets): a one-trial `rayuda.tune advent` search at a tiny input size (so CPU is enough; the
 bytes are G's, whatever the input) with 2 evaluations, then every file an evaluation writes, found on disk:
 

@@ -1,6 +1,6 @@
-"""Fault injection: every fault and bad input of issue 13 run for real on minicity (tiny settings), one table row
-each — exit code, the message a user sees, compute lost (iterations trained twice or thrown away), the MLflow state
-and duplicate runs.
+"""Fault injection: every fault and bad input ARCHITECTURE lists (*Faults and bad input*) run for real on minicity
+(tiny settings), one table row each — exit code, the message a user sees, compute lost (iterations trained twice
+or thrown away), the MLflow state and duplicate runs.
 
     python bench/faults.py                 # ≈ 10 min on 2 cores; prints a markdown table
     python bench/faults.py --only train    # only the `rayuda.train` rows (≈ 3 min)

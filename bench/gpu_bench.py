@@ -1,4 +1,4 @@
-"""The GPU benchmark behind ``bench/gpu.sh`` (issue 16): one short script for a machine with an NVIDIA GPU.
+"""The GPU benchmark behind ``bench/gpu.sh``: one short script for a machine with an NVIDIA GPU.
 
 1. the card, driver and torch build;
 2. ``advent`` and ``cram`` training steps on DeepLab-v2 ResNet-101 multi-level at 512×1024, batch 1 (the papers'
@@ -35,7 +35,7 @@ from rayuda.methods import default_config, get_method  # noqa: E402
 from rayuda.methods.context import TrainContext  # noqa: E402
 from rayuda.models import build_segmenter, param_groups  # noqa: E402
 
-PAPER_SECONDS_PER_ITER = 1.3  # the papers' DeepLab-v2 R101 loops (1080Ti / Titan X), issue 16
+PAPER_SECONDS_PER_ITER = 1.3  # the papers' DeepLab-v2 R101 loops (1080Ti / Titan X)
 NUM_CLASSES = 19
 
 

@@ -1,5 +1,5 @@
 """One training step of ``advent``, ``cram`` and ``fgdem``, profiled: rayuda's step now (source loss backpropagated
-before the target forward, losses left on the device), the step before issue 16 (both forward passes, one
+before the target forward, losses left on the device), the earlier step (both forward passes, one
 backward, ``.item()`` on every loss) and, for advent, the official ADVENT loop's order written out here.
 
 Each (method, variant) runs in a fresh process (peak memory is the process's peak RSS on CPU,
@@ -54,10 +54,10 @@ MODELS = {
 NUM_CLASSES = 19
 
 
-# --- the step before issue 16: both forward passes, then one backward; .item() on every loss ------------------
+# --- the earlier step: both forward passes, then one backward; .item() on every loss ------------------
 
 class OldContext(TrainContext):
-    """The context before issue 16: every upsampling done afresh (no memo)."""
+    """The earlier context: every upsampling done afresh (no memo)."""
 
     def logits(self, output, level, size):
         return upsample_logits(output.logits[level], size)
@@ -154,7 +154,7 @@ VARIANTS = {
     "fgdem": {"before": old_fgdem, "now": rayuda_step},
 }
 def old_adversarial_cram_cea(method, ctx, source, target):
-    """The step before issue 16 for ``cram`` with ``sfa: false``."""
+    """The earlier step for ``cram`` with ``sfa: false``."""
     p = ctx.params
     out_s, out_t = ctx.forward(source["image"]), ctx.forward(target["image"])
     loss_g = ctx.seg_loss(out_s, source["label"])

@@ -10,6 +10,7 @@ defaults.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,9 @@ def save_config(cfg: dict[str, Any], path: str | Path, header: list[str] | None 
     """Write ``cfg`` as YAML; ``header`` lines become comments on top (read by people, ignored on load)."""
     comments = "".join(f"# {line}\n" for line in header or [])
     Path(path).write_text(comments + yaml.safe_dump(cfg, sort_keys=False))
+
+
+def cache_root() -> Path:
+    """Where rayuda keeps what it generates or computes once (minicity, the stage cache, the verified inputs):
+    ``$RAYUDA_CACHE``, or ``~/.cache/rayuda``."""
+    return Path(os.environ.get("RAYUDA_CACHE") or "~/.cache/rayuda").expanduser()

@@ -9,7 +9,7 @@ need no MLflow access: the driver reads what trials write to the (shared) experi
   ``rayuda.stage.<name>`` = cache hit/miss, metric ``stage_seconds/<name>``), and a final status:
   ``FINISHED`` (its last stage reported its final evaluation), ``KILLED`` (stopped early by ASHA, tag
   ``rayuda.outcome=early_stopped``) or ``FAILED``.
-* parent run: the search's settings, then (see ``rayuda.tune``) the best config, a trials CSV and
+* parent run: the search's settings, then (see ``rayuda.hpo.cli``) the best config, a trials CSV and
   Optuna plots.
 
 Runs are found again by tags (``rayuda.search`` on the parent, ``rayuda.trial_id`` on a child), so a
@@ -29,6 +29,7 @@ from typing import Any
 from ray import tune
 
 from rayuda.config import ConfigError, flatten
+from rayuda.runs import client_for
 
 OUTCOME_STATUS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
 METRIC_PREFIXES = ("miou", "iou/", "loss/", "target_entropy", "flip_agreement", "proxy/", "score", "pseudo", "test/")
@@ -67,12 +68,6 @@ def check_tracking_uri(uri: str, flag: str = "--mlflow-uri") -> None:
         raise ConfigError(f"{flag} {uri}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"{flag} {uri}: folder {folder} is not writable")
-
-
-def client_for(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # never a registry pinned globally by other code
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
@@ -490,7 +485,7 @@ def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool 
     from mlflow.types import Schema, TensorSpec
 
     from rayuda.config import save_config
-    from rayuda.predict import MODEL_CONFIG, MODEL_STATE, LogitsModule, load_run, mlflow_uri
+    from rayuda.runs import MODEL_CONFIG, MODEL_STATE, LogitsModule, load_run, mlflow_uri
 
     run = load_run(run_dir, weights)
     method, names = run.config["method"], run.class_names

@@ -15,7 +15,8 @@ from rayuda.engine import run_pipeline
 from rayuda.engine.pipeline import describe_holdout, eval_protocol, holdout_parts, resolve_eval_protocol
 from rayuda.engine.plan import stage_key, stage_slice
 from rayuda.methods import plan_of, resolve_config
-from rayuda.predict import ImageSet, load_run, predict_folder
+from rayuda.predict import ImageSet, predict_folder
+from rayuda.runs import load_run
 
 SIZE = [32, 64]  # data.size: what G sees; no label below has this size
 TINY = {"data.size": SIZE, "data.batch_size": 2, "stages.source_only.iters": 2, "train.eval_every": 2,

@@ -22,7 +22,8 @@ from rayuda.engine import run_pipeline
 from rayuda.methods import resolve_config
 from rayuda.metrics import Evaluator
 from rayuda.models import build_segmenter, predict_logits
-from rayuda.predict import main, mlflow_uri, resolve_run
+from rayuda.predict import main
+from rayuda.runs import mlflow_uri, resolve_run
 
 SIZE = (32, 64)  # the run's data.size
 

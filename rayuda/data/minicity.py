@@ -73,6 +73,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rayuda.config import cache_root
+
 #: Bumped whenever the generator's output changes, so cached copies are regenerated.
 VERSION = 1
 CITY = "minicity"
@@ -362,6 +364,29 @@ def _noise2d(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarra
     return (g * (1 - fy) + g2 * fy) * 1.6
 
 
+@dataclass(frozen=True)
+class _Street:
+    """One scene's street layout, in camera heights (see :func:`_scene`), and the pixel grids it is drawn on."""
+
+    h: int
+    w: int
+    yh: float  # horizon row
+    xv: float  # vanishing point's column
+    c: float  # road centre relative to the camera
+    r: float  # road half-width
+    walk: list[float]  # sidewalk width per side (0 left, 1 right)
+    verge: list[float]  # grass verge width per side
+    xs: np.ndarray  # pixel-centre columns, 1×w
+    dy: np.ndarray  # pixel-centre rows below the horizon, h×1
+    zmin: float  # the nearest and farthest depth an object stands at
+    zmax: float
+
+    def lateral(self, where: float, k: int) -> float:
+        """Lateral position on side k (0 left, 1 right): ``where`` 0 at the kerb, 1 at the facade."""
+        sgn = 2 * k - 1
+        return self.c + sgn * (self.r + 0.15 + where * max(self.walk[k] + self.verge[k] - 0.3, 0.2))
+
+
 def _scene(rng: np.random.Generator, h: int, w: int, world: _World, ego: bool) -> _Canvas:
     """Draw one street scene's geometry. Units: lengths in camera heights, the focal length is ``h`` px.
 
@@ -372,145 +397,18 @@ def _scene(rng: np.random.Generator, h: int, w: int, world: _World, ego: bool) -
     yh = cv.horizon = h * float(np.clip(world.horizon + rng.normal(0, 0.035), 0.25, 0.6))
     xv = w * rng.uniform(0.38, 0.62)
     ys, xs = np.arange(h)[:, None] + 0.5, np.arange(w)[None, :] + 0.5
-    dy = ys - yh
-    ground = (dy > 0) & np.ones((1, w), bool)
-    c = rng.uniform(-0.35, 0.35)  # road centre relative to the camera
+    c = rng.uniform(-0.35, 0.35)
     r = world.road * rng.uniform(0.75, 1.25)
     walk = [world.sidewalk * rng.uniform(0.6, 1.4) if rng.random() < 0.9 else 0.0 for _ in range(2)]
     verge = [rng.uniform(0.4, 2.0) if rng.random() < world.verge_p else 0.0 for _ in range(2)]
-
-    # Ground: road, sidewalk, then terrain, by the lateral offset from the road centre.
-    u = (xs - xv) / np.maximum(dy, 1e-3) - c
-    side = (u > 0).astype(int)
-    a = np.abs(u)
-    ground_cls = np.where(a < r, ROAD, np.where(a < r + np.take(walk, side), SIDEWALK, TERRAIN))
-    cv.label[ground] = ground_cls[ground]
-    depth = h / np.maximum(dy, 1e-3)
-    dash = (np.abs(u) < 0.045) & (np.mod(depth / 4.0 + rng.random(), 1) < 0.5) & (dy > 2) & ground
-    if rng.random() < 0.8:
-        cv.detail[dash] = LIGHT
-
-    # Facades: a vertical plane per side, split along the street into building / vegetation / open blocks.
+    street = _Street(h=h, w=w, yh=yh, xv=xv, c=c, r=r, walk=walk, verge=verge, xs=xs, dy=ys - yh,
+                     zmin=h / ((h - yh) * 1.1), zmax=h / 3.0)
+    _ground(cv, rng, street)
     for k, sgn in enumerate((-1, 1)):
-        X = c + sgn * (r + walk[k] + verge[k])
-        q = (xs[0] - xv) / X  # pixels per camera height of the facade in each column
-        cols = q > 0.25
-        if not cols.any():
-            continue
-        zcol = h / np.maximum(q, 0.25)
-        bounds = np.cumsum(rng.uniform(5, 18, 40)) + rng.uniform(-8, 0)
-        kind = rng.choice(3, size=41, p=world.facade)
-        height = world.building_h * rng.uniform(0.4, 1.8, 41)
-        height[kind == 1] = rng.uniform(0.8, 2.6, int((kind == 1).sum()))
-        blk = np.searchsorted(bounds, zcol)
-        top = height[blk] * np.where(kind[blk] == 1, 1 + 0.2 * _noise1d(rng, w, 3), 1.0)
-        hgt = 1 - dy / np.maximum(q, 0.25)  # height of the facade point seen by each pixel
-        m = cols & (hgt >= 0) & (hgt <= top) & (kind[blk] != 2)
-        inst = np.zeros(41, np.uint8)
-        for b in np.unique(blk[cols & (kind[blk] != 2)]):
-            inst[b] = cv.instance()
-        cls = np.where(kind[blk] == 0, BUILDING, VEGETATION) * np.ones((h, 1), np.uint8)
-        cv.label[m], cv.inst[m] = cls[m], (inst[blk] * np.ones((h, 1), np.uint8))[m]
-        # Windows where they are resolvable: a grid in (depth, height) facade coordinates.
-        pz, ph = rng.uniform(1.6, 2.6), rng.uniform(1.6, 2.2)
-        fine = h / (np.maximum(q, 0.25) ** 2 * abs(X)) < pz / 3
-        win = (np.mod(zcol / pz, 1) > 0.35) & (np.mod(hgt / ph + 0.5, 1) > 0.45)
-        win &= (hgt > 0.8) & (hgt < top - 0.3)
-        cv.detail[m & win & fine & (kind[blk] == 0)] = DARK
-
-    # Objects standing on the ground, drawn far to near.
-    bottom = h - yh
-    zmin, zmax = h / (bottom * 1.1), h / 3.0
-
-    def zdraw(n: int) -> np.ndarray:
-        return np.exp(rng.uniform(np.log(zmin), np.log(zmax), n))
-
-    objects: list[tuple[float, str, float]] = []
-    for kind_name, lam in (("car", world.cars), ("bus", world.buses), ("person", world.persons),
-                           ("pole", world.poles), ("tree", world.trees)):
-        for z in zdraw(rng.poisson(lam)):
-            objects.append((float(z), kind_name, float(rng.random())))
-    if rng.random() < world.fence_p:
-        objects.append((zmax * 2, "fence", float(rng.random())))
-    objects.sort(key=lambda o: -o[0])
-
-    def lateral(where: float, k: int) -> float:
-        """Lateral position on side k (0 left, 1 right): ``where`` 0 at the kerb, 1 at the facade."""
-        sgn = 2 * k - 1
-        return c + sgn * (r + 0.15 + where * max(walk[k] + verge[k] - 0.3, 0.2))
-
-    for z, kind_name, v in objects:
+        _facade(cv, rng, street, world, k, sgn)
+    for z, kind_name, v in _objects(rng, street, world):  # far to near
         q = h / z
-        yb = yh + q
-        k = int(v < 0.5)
-        if kind_name == "car":
-            cw, ch = 1.15 * world.car_aspect * rng.uniform(0.9, 1.1), 0.95 * rng.uniform(0.85, 1.15)
-            xc = xv + (c + rng.uniform(-1, 1) * max(r - 0.6, 0.05)) * q
-            W_, H_ = cw * q, ch * q
-            i = cv.instance()
-            cv.rect(xc - W_ / 2, xc + W_ / 2, yb - 0.6 * H_, yb - 0.14 * H_, CAR, i)
-            cv.rect(xc - 0.4 * W_, xc + 0.4 * W_, yb - 0.97 * H_, yb - 0.6 * H_, CAR, i)
-            cv.rect(xc - 0.33 * W_, xc + 0.33 * W_, yb - 0.92 * H_, yb - 0.64 * H_, -1, i, DARK)
-            for sx in (-1, 1):
-                cv.rect(xc + sx * 0.48 * W_ - 0.09 * W_, xc + sx * 0.48 * W_ + 0.09 * W_, yb - 0.22 * H_, yb,
-                        CAR, i, DARK)
-                cv.rect(xc + sx * 0.4 * W_ - 0.06 * W_, xc + sx * 0.4 * W_ + 0.06 * W_, yb - 0.5 * H_,
-                        yb - 0.42 * H_, -1, i, LIGHT)
-        elif kind_name == "bus":
-            W_, H_ = 1.75 * q, 2.1 * rng.uniform(0.9, 1.1) * q
-            xc = xv + (c + rng.uniform(-1, 1) * max(r - 0.9, 0.05)) * q
-            i = cv.instance()
-            cv.rect(xc - W_ / 2, xc + W_ / 2, yb - H_, yb - 0.1 * H_, BUS, i)
-            cv.rect(xc - 0.45 * W_, xc + 0.45 * W_, yb - 0.86 * H_, yb - 0.52 * H_, -1, i, DARK)
-            cv.rect(xc - 0.25 * W_, xc + 0.25 * W_, yb - 0.96 * H_, yb - 0.9 * H_, -1, i, LIGHT)
-            for sx in (-1, 1):
-                cv.rect(xc + sx * 0.36 * W_ - 0.08 * W_, xc + sx * 0.36 * W_ + 0.08 * W_, yb - 0.15 * H_, yb,
-                        BUS, i, DARK)
-        elif kind_name == "person":
-            ph = world.person_h * rng.uniform(0.85, 1.15) * q
-            xc = xv + lateral(rng.uniform(0, 0.8), k) * q
-            i = cv.instance()
-            for sx in (-1, 1):
-                leg = xc + sx * 0.065 * ph
-                cv.rect(leg - 0.045 * ph, leg + 0.045 * ph, yb - 0.5 * ph, yb, PERSON, i, SHADE)
-            cv.ellipse(xc, yb - 0.66 * ph, 0.14 * ph, 0.2 * ph, PERSON, i)
-            cv.ellipse(xc, yb - 0.9 * ph, 0.07 * ph, 0.08 * ph, PERSON, i, LIGHT)
-        elif kind_name == "pole":
-            hp = rng.uniform(2.2, 3.4) * q
-            xc = xv + lateral(rng.uniform(0, 0.3), k) * q
-            cv.rect(xc - 0.06 * q, xc + 0.06 * q, yb - hp, yb, POLE, cv.instance())
-            if rng.random() < 0.65:
-                i, s = cv.instance(), rng.uniform(0.5, 0.8) * q
-                ys_ = yb - hp + 0.6 * s
-                if rng.random() < 0.5:
-                    cv.rect(xc - s / 2, xc + s / 2, ys_ - s / 2, ys_ + s / 2, SIGN, i)
-                    cv.rect(xc - s / 3, xc + s / 3, ys_ - s / 3, ys_ + s / 3, -1, i, LIGHT)
-                else:
-                    cv.ellipse(xc, ys_, s / 2, s / 2, SIGN, i)
-                    cv.ellipse(xc, ys_, s / 3, s / 3, -1, i, LIGHT)
-        elif kind_name == "tree":
-            xc = xv + lateral(rng.uniform(0.3, 1.0), k) * q
-            i = cv.instance()
-            cv.rect(xc - 0.07 * q, xc + 0.07 * q, yb - 1.6 * q, yb, VEGETATION, i, SHADE)
-            hc = rng.uniform(2.0, 3.0)
-            for _ in range(rng.integers(3, 7)):
-                cv.ellipse(xc + rng.uniform(-0.6, 0.6) * q, yb - (hc + rng.uniform(-0.5, 0.5)) * q,
-                           rng.uniform(0.45, 0.9) * q, rng.uniform(0.4, 0.8) * q, VEGETATION, i)
-        else:  # a fence along the kerb side of the sidewalk's outer edge, over a stretch of the street
-            X = c + (2 * k - 1) * (r + walk[k])
-            q = (xs[0] - xv) / X
-            z0 = rng.uniform(zmin, zmax / 4)
-            zc = h / np.maximum(q, 0.25)
-            cols = (q > 0.25) & (zc > z0) & (zc < z0 + rng.uniform(10, 60))
-            hf = rng.uniform(0.45, 0.8)
-            hgt = 1 - dy / np.maximum(q, 0.25)
-            m = cols & (hgt >= 0) & (hgt <= hf)
-            cv.label[m], cv.inst[m] = FENCE, cv.instance()
-            fine = h / (np.maximum(q, 0.25) ** 2 * abs(X)) < 0.25
-            holes = (np.mod(zc / 0.7, 1) > 0.3) & (hgt < hf - 0.12) & (hgt > 0.08) & fine
-            cv.detail[m & holes] = DARK
-            cv.detail[m & ~holes] = PLAIN
-
+        _DRAW[kind_name](cv, rng, street, world, q, yh + q, int(v < 0.5))
     veg = cv.label == VEGETATION
     leaves = _noise2d(rng, h, w, 1.5) > 0.3
     cv.detail[veg & leaves & (cv.detail == PLAIN)] = SHADE
@@ -518,6 +416,151 @@ def _scene(rng: np.random.Generator, h: int, w: int, world: _World, ego: bool) -
         cx, ry = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.07, 0.13)
         cv.ellipse(cx, h * 1.03, w * 0.8, ry, VOID, cv.instance())
     return cv
+
+
+def _ground(cv: _Canvas, rng: np.random.Generator, st: _Street) -> None:
+    """Road, sidewalk, then terrain, by the lateral offset from the road centre; the dashed centre line."""
+    dy = st.dy
+    ground = (dy > 0) & np.ones((1, st.w), bool)
+    u = (st.xs - st.xv) / np.maximum(dy, 1e-3) - st.c
+    side = (u > 0).astype(int)
+    a = np.abs(u)
+    ground_cls = np.where(a < st.r, ROAD, np.where(a < st.r + np.take(st.walk, side), SIDEWALK, TERRAIN))
+    cv.label[ground] = ground_cls[ground]
+    depth = st.h / np.maximum(dy, 1e-3)
+    dash = (np.abs(u) < 0.045) & (np.mod(depth / 4.0 + rng.random(), 1) < 0.5) & (dy > 2) & ground
+    if rng.random() < 0.8:
+        cv.detail[dash] = LIGHT
+
+
+def _facade(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, k: int, sgn: int) -> None:
+    """Side k's facade: a vertical plane split along the street into building / vegetation / open blocks,
+    with windows where they are resolvable."""
+    h, w, dy = st.h, st.w, st.dy
+    X = st.c + sgn * (st.r + st.walk[k] + st.verge[k])
+    q = (st.xs[0] - st.xv) / X  # pixels per camera height of the facade in each column
+    cols = q > 0.25
+    if not cols.any():
+        return
+    zcol = h / np.maximum(q, 0.25)
+    bounds = np.cumsum(rng.uniform(5, 18, 40)) + rng.uniform(-8, 0)
+    kind = rng.choice(3, size=41, p=world.facade)
+    height = world.building_h * rng.uniform(0.4, 1.8, 41)
+    height[kind == 1] = rng.uniform(0.8, 2.6, int((kind == 1).sum()))
+    blk = np.searchsorted(bounds, zcol)
+    top = height[blk] * np.where(kind[blk] == 1, 1 + 0.2 * _noise1d(rng, w, 3), 1.0)
+    hgt = 1 - dy / np.maximum(q, 0.25)  # height of the facade point seen by each pixel
+    m = cols & (hgt >= 0) & (hgt <= top) & (kind[blk] != 2)
+    inst = np.zeros(41, np.uint8)
+    for b in np.unique(blk[cols & (kind[blk] != 2)]):
+        inst[b] = cv.instance()
+    cls = np.where(kind[blk] == 0, BUILDING, VEGETATION) * np.ones((h, 1), np.uint8)
+    cv.label[m], cv.inst[m] = cls[m], (inst[blk] * np.ones((h, 1), np.uint8))[m]
+    # Windows where they are resolvable: a grid in (depth, height) facade coordinates.
+    pz, ph = rng.uniform(1.6, 2.6), rng.uniform(1.6, 2.2)
+    fine = h / (np.maximum(q, 0.25) ** 2 * abs(X)) < pz / 3
+    win = (np.mod(zcol / pz, 1) > 0.35) & (np.mod(hgt / ph + 0.5, 1) > 0.45)
+    win &= (hgt > 0.8) & (hgt < top - 0.3)
+    cv.detail[m & win & fine & (kind[blk] == 0)] = DARK
+
+
+def _objects(rng: np.random.Generator, st: _Street, world: _World) -> list[tuple[float, str, float]]:
+    """The objects standing on the ground — (depth, kind, a uniform draw for the side) — far to near."""
+    objects: list[tuple[float, str, float]] = []
+    for kind_name, lam in (("car", world.cars), ("bus", world.buses), ("person", world.persons),
+                           ("pole", world.poles), ("tree", world.trees)):
+        for z in np.exp(rng.uniform(np.log(st.zmin), np.log(st.zmax), rng.poisson(lam))):
+            objects.append((float(z), kind_name, float(rng.random())))
+    if rng.random() < world.fence_p:
+        objects.append((st.zmax * 2, "fence", float(rng.random())))
+    objects.sort(key=lambda o: -o[0])
+    return objects
+
+
+def _car(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, q: float, yb: float, k: int) -> None:
+    cw, ch = 1.15 * world.car_aspect * rng.uniform(0.9, 1.1), 0.95 * rng.uniform(0.85, 1.15)
+    xc = st.xv + (st.c + rng.uniform(-1, 1) * max(st.r - 0.6, 0.05)) * q
+    W_, H_ = cw * q, ch * q
+    i = cv.instance()
+    cv.rect(xc - W_ / 2, xc + W_ / 2, yb - 0.6 * H_, yb - 0.14 * H_, CAR, i)
+    cv.rect(xc - 0.4 * W_, xc + 0.4 * W_, yb - 0.97 * H_, yb - 0.6 * H_, CAR, i)
+    cv.rect(xc - 0.33 * W_, xc + 0.33 * W_, yb - 0.92 * H_, yb - 0.64 * H_, -1, i, DARK)
+    for sx in (-1, 1):
+        cv.rect(xc + sx * 0.48 * W_ - 0.09 * W_, xc + sx * 0.48 * W_ + 0.09 * W_, yb - 0.22 * H_, yb,
+                CAR, i, DARK)
+        cv.rect(xc + sx * 0.4 * W_ - 0.06 * W_, xc + sx * 0.4 * W_ + 0.06 * W_, yb - 0.5 * H_,
+                yb - 0.42 * H_, -1, i, LIGHT)
+
+
+def _bus(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, q: float, yb: float, k: int) -> None:
+    W_, H_ = 1.75 * q, 2.1 * rng.uniform(0.9, 1.1) * q
+    xc = st.xv + (st.c + rng.uniform(-1, 1) * max(st.r - 0.9, 0.05)) * q
+    i = cv.instance()
+    cv.rect(xc - W_ / 2, xc + W_ / 2, yb - H_, yb - 0.1 * H_, BUS, i)
+    cv.rect(xc - 0.45 * W_, xc + 0.45 * W_, yb - 0.86 * H_, yb - 0.52 * H_, -1, i, DARK)
+    cv.rect(xc - 0.25 * W_, xc + 0.25 * W_, yb - 0.96 * H_, yb - 0.9 * H_, -1, i, LIGHT)
+    for sx in (-1, 1):
+        cv.rect(xc + sx * 0.36 * W_ - 0.08 * W_, xc + sx * 0.36 * W_ + 0.08 * W_, yb - 0.15 * H_, yb,
+                BUS, i, DARK)
+
+
+def _person(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, q: float, yb: float, k: int) -> None:
+    ph = world.person_h * rng.uniform(0.85, 1.15) * q
+    xc = st.xv + st.lateral(rng.uniform(0, 0.8), k) * q
+    i = cv.instance()
+    for sx in (-1, 1):
+        leg = xc + sx * 0.065 * ph
+        cv.rect(leg - 0.045 * ph, leg + 0.045 * ph, yb - 0.5 * ph, yb, PERSON, i, SHADE)
+    cv.ellipse(xc, yb - 0.66 * ph, 0.14 * ph, 0.2 * ph, PERSON, i)
+    cv.ellipse(xc, yb - 0.9 * ph, 0.07 * ph, 0.08 * ph, PERSON, i, LIGHT)
+
+
+def _pole(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, q: float, yb: float, k: int) -> None:
+    """A pole, with a square or round traffic sign on 65 % of them."""
+    hp = rng.uniform(2.2, 3.4) * q
+    xc = st.xv + st.lateral(rng.uniform(0, 0.3), k) * q
+    cv.rect(xc - 0.06 * q, xc + 0.06 * q, yb - hp, yb, POLE, cv.instance())
+    if rng.random() < 0.65:
+        i, s = cv.instance(), rng.uniform(0.5, 0.8) * q
+        ys_ = yb - hp + 0.6 * s
+        if rng.random() < 0.5:
+            cv.rect(xc - s / 2, xc + s / 2, ys_ - s / 2, ys_ + s / 2, SIGN, i)
+            cv.rect(xc - s / 3, xc + s / 3, ys_ - s / 3, ys_ + s / 3, -1, i, LIGHT)
+        else:
+            cv.ellipse(xc, ys_, s / 2, s / 2, SIGN, i)
+            cv.ellipse(xc, ys_, s / 3, s / 3, -1, i, LIGHT)
+
+
+def _tree(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, q: float, yb: float, k: int) -> None:
+    xc = st.xv + st.lateral(rng.uniform(0.3, 1.0), k) * q
+    i = cv.instance()
+    cv.rect(xc - 0.07 * q, xc + 0.07 * q, yb - 1.6 * q, yb, VEGETATION, i, SHADE)
+    hc = rng.uniform(2.0, 3.0)
+    for _ in range(rng.integers(3, 7)):
+        cv.ellipse(xc + rng.uniform(-0.6, 0.6) * q, yb - (hc + rng.uniform(-0.5, 0.5)) * q,
+                   rng.uniform(0.45, 0.9) * q, rng.uniform(0.4, 0.8) * q, VEGETATION, i)
+
+
+def _fence(cv: _Canvas, rng: np.random.Generator, st: _Street, world: _World, q: float, yb: float, k: int) -> None:
+    """A fence along the kerb side of the sidewalk's outer edge, over a stretch of the street."""
+    h, dy = st.h, st.dy
+    X = st.c + (2 * k - 1) * (st.r + st.walk[k])
+    q = (st.xs[0] - st.xv) / X
+    z0 = rng.uniform(st.zmin, st.zmax / 4)
+    zc = h / np.maximum(q, 0.25)
+    cols = (q > 0.25) & (zc > z0) & (zc < z0 + rng.uniform(10, 60))
+    hf = rng.uniform(0.45, 0.8)
+    hgt = 1 - dy / np.maximum(q, 0.25)
+    m = cols & (hgt >= 0) & (hgt <= hf)
+    cv.label[m], cv.inst[m] = FENCE, cv.instance()
+    fine = h / (np.maximum(q, 0.25) ** 2 * abs(X)) < 0.25
+    holes = (np.mod(zc / 0.7, 1) > 0.3) & (hgt < hf - 0.12) & (hgt > 0.08) & fine
+    cv.detail[m & holes] = DARK
+    cv.detail[m & ~holes] = PLAIN
+
+
+#: How each kind of object is drawn: ``draw(canvas, rng, street, world, q, bottom row, side)``.
+_DRAW = {"car": _car, "bus": _bus, "person": _person, "pole": _pole, "tree": _tree, "fence": _fence}
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -709,11 +752,6 @@ def class_frequencies(root: str | Path) -> dict[str, dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------ the cache
-
-
-def cache_root() -> Path:
-    """``$RAYUDA_CACHE``, or ``~/.cache/rayuda``."""
-    return Path(os.environ.get("RAYUDA_CACHE") or "~/.cache/rayuda").expanduser()
 
 
 def _is_complete(root: Path, config: MinicityConfig) -> bool:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayuda.config import cache_root
 from rayuda.data.datasets import SegmentationDataset
 from rayuda.data.labels import DatasetError, PairSizeError
 
@@ -45,8 +46,7 @@ class BadPair:
 
 
 def verified_cache() -> Path:
-    root = Path(os.environ.get("RAYUDA_CACHE", Path.home() / ".cache" / "rayuda"))
-    return root / "verified.json"
+    return cache_root() / "verified.json"
 
 
 def _stamp(path: Path, table: str) -> str:

@@ -28,6 +28,17 @@ from rayuda.config import ConfigError
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pick_device(name: str) -> torch.device:
+    """The device of ``train.device`` / ``--device``: ``auto`` is CUDA when there is one, else the CPU; asking
+    for CUDA without one is refused before any work starts."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device is available (use auto or cpu)")
+    return device
+
+
 def amp_dtype(train: dict, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of G's forward pass (``None``: float32)."""
     name = train["amp_dtype"]

@@ -136,143 +136,170 @@ def train_stage(
     ``report(metrics, report_dir)`` called (iterations counted inside the stage). Checkpoints are atomic.
     Returns the last evaluation's metrics plus ``best_score``/``best_iteration`` (empty when unreported).
     """
-    schedule, optim = config["stages"][label], config["optim"]
-    iters, lr = int(schedule["iters"]), float(schedule["lr"])
-    decay = int(schedule.get("decay_iters") or iters)  # the poly schedule's length (≥ iters; null: iters)
-    device = runtime.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = runtime.cudnn_benchmark and not config["train"]["deterministic"]
-    ctx = build_context(config, params, method, model, data, lr, device, runtime)
-    opt_g, opt_d = ctx.opt_g, ctx.opt_d
-    average = weight_average(model, float(config["train"]["ema"]))
-    scored = average.module if average is not None else model  # what is evaluated, saved and handed on
-    g_rates = [group["lr"] for group in opt_g.param_groups]
-    evaluated = data.holdout is not None
-    eval_every = int(config["train"]["eval_every"]) if evaluated else 0
+    stage = StageTraining(label=label, config=config, params=params, method=method, model=model, data=data,
+                          work_dir=work_dir, runtime=runtime, report=report)
+    return stage.run()
 
-    state_path, log_path, evals_path = work_dir / "checkpoint.pt", work_dir / "log.jsonl", work_dir / "evals.jsonl"
-    best: dict[str, Any] = {"best_score": float("-inf"), "best_iteration": 0}
-    start = 0
-    for orphan in work_dir.glob(".*.tmp"):  # left by a process killed while saving (atomic_save)
-        orphan.unlink(missing_ok=True)
-    if state_path.exists():
-        state = read_checkpoint(state_path)
-        model.load_state_dict(state["model"])
+
+class StageTraining:
+    """The state of one train stage while it runs (see :func:`train_stage`): G with its optimisers, its method
+    and discriminators (``ctx``), the weight average, the best evaluation so far, and the losses not yet read."""
+
+    def __init__(self, *, label: str, config: dict[str, Any], params: dict[str, Any], method: Method,
+                 model: nn.Module, data: StageData, work_dir: Path, runtime: Runtime, report: Report | None):
+        schedule = config["stages"][label]
+        self.label, self.config, self.method, self.model, self.data = label, config, method, model, data
+        self.work_dir, self.runtime, self.report = work_dir, runtime, report
+        self.iters, lr = int(schedule["iters"]), float(schedule["lr"])
+        self.decay = int(schedule.get("decay_iters") or self.iters)  # the poly length (≥ iters; null: iters)
+        self.device = runtime.device
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = runtime.cudnn_benchmark and not config["train"]["deterministic"]
+        self.ctx = build_context(config, params, method, model, data, lr, self.device, runtime)
+        self.average = weight_average(model, float(config["train"]["ema"]))
+        self.scored = self.average.module if self.average is not None else model  # evaluated, saved, handed on
+        self.g_rates = [group["lr"] for group in self.ctx.opt_g.param_groups]
+        self.evaluated = data.holdout is not None
+        self.eval_every = int(config["train"]["eval_every"]) if self.evaluated else 0
+        self.state_path, self.log_path = work_dir / "checkpoint.pt", work_dir / "log.jsonl"
+        self.evals_path = work_dir / "evals.jsonl"
+        self.best: dict[str, Any] = {"best_score": float("-inf"), "best_iteration": 0}
+        self.window: list[dict[str, float]] = []  # losses read since the last printed line
+        self.pending: list[tuple[int, dict[str, Any]]] = []  # (iteration, losses on the device) not yet read
+
+    def resume(self) -> int:
+        """Restore the checkpoint, if any (weights, optimisers, method state, average, loss scale, RNG), replay
+        the evaluations made before the interruption; the iteration to start from."""
+        for orphan in self.work_dir.glob(".*.tmp"):  # left by a process killed while saving (atomic_save)
+            orphan.unlink(missing_ok=True)
+        if not self.state_path.exists():
+            return 0
+        ctx, state = self.ctx, read_checkpoint(self.state_path)
+        self.model.load_state_dict(state["model"])
         ctx.discriminators.load_state_dict(state["discriminators"])
-        opt_g.load_state_dict(state["opt_g"])
-        if opt_d is not None:
-            opt_d.load_state_dict(state["opt_d"])
-        method.load_state_dict(state["method"])
-        if average is not None:
-            average.load_state_dict(state["ema"])
+        ctx.opt_g.load_state_dict(state["opt_g"])
+        if ctx.opt_d is not None:
+            ctx.opt_d.load_state_dict(state["opt_d"])
+        self.method.load_state_dict(state["method"])
+        if self.average is not None:
+            self.average.load_state_dict(state["ema"])
         if ctx.scaler is not None and state.get("scaler"):  # float16's loss scale and its growth count
             ctx.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start, best = state["iteration"], state["best"]
-        _truncate(log_path, start)
-        _truncate(evals_path, start)
-        print(f"[{label}] resuming from iteration {start} ({state_path})", flush=True)
-        if report is not None and evals_path.exists():  # the evaluations made before the interruption, again
-            for line in evals_path.read_text().splitlines():
-                report({**json.loads(line), "replayed": True}, None)
+        start, self.best = state["iteration"], state["best"]
+        _truncate(self.log_path, start)
+        _truncate(self.evals_path, start)
+        print(f"[{self.label}] resuming from iteration {start} ({self.state_path})", flush=True)
+        if self.report is not None and self.evals_path.exists():  # the evaluations before the interruption
+            for line in self.evals_path.read_text().splitlines():
+                self.report({**json.loads(line), "replayed": True}, None)
+        return start
 
-    def checkpoint(done: int) -> None:
-        atomic_save({"model": model.state_dict(), "discriminators": ctx.discriminators.state_dict(),
-                     "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict() if opt_d is not None else None,
-                     "method": method.state_dict(), "iteration": done, "rng": rng_state(), "best": best,
-                     "ema": average.state_dict() if average is not None else None,
+    def checkpoint(self, done: int) -> None:
+        ctx, average = self.ctx, self.average
+        atomic_save({"model": self.model.state_dict(), "discriminators": ctx.discriminators.state_dict(),
+                     "opt_g": ctx.opt_g.state_dict(), "opt_d": ctx.opt_d.state_dict() if ctx.opt_d is not None
+                     else None, "method": self.method.state_dict(), "iteration": done, "rng": rng_state(),
+                     "best": self.best, "ema": average.state_dict() if average is not None else None,
                      "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None},
-                    state_path)
+                    self.state_path)
 
-    def evaluate_and_report(done: int, losses: dict[str, float]) -> dict[str, Any]:
-        nonlocal best
-        report_dir = work_dir / "report"
-        train = config["train"]
-        metrics = evaluate(scored, data.holdout, num_classes=ctx.num_classes, device=device,
+    def evaluate_and_report(self, done: int, losses: dict[str, float]) -> dict[str, Any]:
+        report_dir, train, data = self.work_dir / "report", self.config["train"], self.data
+        metrics = evaluate(self.scored, data.holdout, num_classes=self.ctx.num_classes, device=self.device,
                            class_names=data.class_names, masks_dir=report_dir / "masks", num_masks=train["num_masks"])
         if data.probe is not None:  # the label-free validators' inputs, kept for recomputing them across trials
-            probe = collect_probe(scored, data.probe, device=device)
-            save_probe(probe, work_dir / "probe" / f"eval_{done}.npz")
+            probe = collect_probe(self.scored, data.probe, device=self.device)
+            save_probe(probe, self.work_dir / "probe" / f"eval_{done}.npz")
             metrics.update(probe_validators(probe))
         metrics["score"] = selection_score(train["metric"], metrics)
         metrics["iteration"] = done
         metrics.update({f"loss/{k}": v for k, v in losses.items()})
-        if metrics["score"] > best["best_score"]:
-            best = {"best_score": metrics["score"], "best_iteration": done}
-            atomic_save(scored.state_dict(), work_dir / "best_model.pt")
-        atomic_save(scored.state_dict(), report_dir / "model.pt")
+        if metrics["score"] > self.best["best_score"]:
+            self.best = {"best_score": metrics["score"], "best_iteration": done}
+            atomic_save(self.scored.state_dict(), self.work_dir / "best_model.pt")
+        atomic_save(self.scored.state_dict(), report_dir / "model.pt")
         (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        with open(evals_path, "a") as handle:
+        with open(self.evals_path, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
-        checkpoint(done)
+        self.checkpoint(done)
         shown = f"miou {100 * metrics['miou']:.2f}  " if "miou" in metrics else ""
-        print(f"[{label}] eval @ {done}/{iters}: {shown}score {metrics['score']:.4f}", flush=True)
-        if report is not None:
-            report(metrics, report_dir)
+        print(f"[{self.label}] eval @ {done}/{self.iters}: {shown}score {metrics['score']:.4f}", flush=True)
+        if self.report is not None:
+            self.report(metrics, report_dir)
         return metrics
 
-    seed = int(config["seed"])
-    batch_size, workers = config["data"]["batch_size"], runtime.num_workers
-    pin = device.type == "cuda"
-    sources = batch_stream(data.source, batch_size, seed=seed, start=start, stop=iters, num_workers=workers,
-                           pin_memory=pin)
-    targets = (batch_stream(data.target, batch_size, seed=seed + 1, start=start, stop=iters, num_workers=workers,
-                            pin_memory=pin)
-               if data.target is not None else None)
-    metrics: dict[str, Any] = {}
-    if evaluated and iters == 0 and start == 0:
-        metrics = evaluate_and_report(0, {})  # a zero-length reported stage still reports its start model
-    tic, window, pending = time.time(), [], []  # window: floats since the last print; pending: not yet read
-
-    def read_losses() -> dict[str, float]:
+    def read_losses(self) -> dict[str, float]:
         """Read the pending iterations' losses (one sync), append them to log.jsonl; the last one's."""
-        rows = losses_as_floats([losses for _, losses in pending])
-        for (it, _), row in zip(pending, rows, strict=True):
+        rows = losses_as_floats([losses for _, losses in self.pending])
+        for (it, _), row in zip(self.pending, rows, strict=True):
             bad = sorted(k for k, v in row.items() if not math.isfinite(v))
             if bad:  # nothing after the last checkpoint is saved: the run stops here, its checkpoint intact
-                raise NonFiniteLoss(f"stage {label}: loss {', '.join(bad)} became {row[bad[0]]} at iteration {it} "
-                                    f"(a learning rate or loss weight too large?); the last checkpoint "
-                                    f"({state_path}) was kept")
-        with open(log_path, "a") as handle:
+                raise NonFiniteLoss(f"stage {self.label}: loss {', '.join(bad)} became {row[bad[0]]} at iteration "
+                                    f"{it} (a learning rate or loss weight too large?); the last checkpoint "
+                                    f"({self.state_path}) was kept")
+        with open(self.log_path, "a") as handle:
             handle.writelines(json.dumps({"iteration": it, **row}) + "\n"
-                              for (it, _), row in zip(pending, rows, strict=True))
-        window.extend(rows)
-        pending.clear()
+                              for (it, _), row in zip(self.pending, rows, strict=True))
+        self.window.extend(rows)
+        self.pending.clear()
         return rows[-1]
 
-    model.train()
-    for i in range(start, iters):
-        ctx.iteration = i
-        factor = poly_lr(1.0, i, decay, optim["power"])
-        for group, base in zip(opt_g.param_groups, g_rates, strict=True):
+    def set_rates(self, i: int) -> None:
+        """The poly schedule at iteration ``i``, for G's parameter groups and D's."""
+        optim = self.config["optim"]
+        factor = poly_lr(1.0, i, self.decay, optim["power"])
+        for group, base in zip(self.ctx.opt_g.param_groups, self.g_rates, strict=True):
             group["lr"] = base * factor
-        if opt_d is not None:
-            for group in opt_d.param_groups:
+        if self.ctx.opt_d is not None:
+            for group in self.ctx.opt_d.param_groups:
                 group["lr"] = optim["lr_d"] * factor
-        source = _move(next(sources), device)
-        target = _move(next(targets), device) if targets is not None else None
-        losses = method.train_step(ctx, source, target)
-        if average is not None:
-            average.update_parameters(model)
-        pending.append((i + 1, {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}))
 
-        done = i + 1
-        evaluating = evaluated and (done % eval_every == 0 or done == iters)
-        checkpointing = not evaluating and done % runtime.checkpoint_every == 0 and done < iters
-        if done % runtime.log_every == 0 or done == iters or evaluating or checkpointing:
-            losses = read_losses()  # the only host sync of the hot loop
-        if done % runtime.log_every == 0 or done == iters:
-            rate = len(window) / max(time.time() - tic, 1e-9)
-            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            text = "  ".join(f"{k} {v:.4f}" for k, v in mean.items())
-            print(f"[{label}] iter {done}/{iters}  {text}  ({rate:.1f} it/s)", flush=True)
-            tic, window = time.time(), []
-        if evaluating:
-            metrics = evaluate_and_report(done, losses)
-        elif checkpointing:
-            checkpoint(done)
-    atomic_save(scored.state_dict(), work_dir / "model.pt")
-    return {**metrics, **best} if evaluated else {}
+    def print_losses(self, done: int, since: float) -> None:
+        """The mean of each loss since the last line, and the iterations per second."""
+        rate = len(self.window) / max(time.time() - since, 1e-9)
+        mean = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
+        text = "  ".join(f"{k} {v:.4f}" for k, v in mean.items())
+        print(f"[{self.label}] iter {done}/{self.iters}  {text}  ({rate:.1f} it/s)", flush=True)
+        self.window = []
+
+    def run(self) -> dict[str, Any]:
+        start = self.resume()
+        seed, iters, runtime, device = int(self.config["seed"]), self.iters, self.runtime, self.device
+        batch_size, workers, pin = self.config["data"]["batch_size"], runtime.num_workers, device.type == "cuda"
+        sources = batch_stream(self.data.source, batch_size, seed=seed, start=start, stop=iters,
+                               num_workers=workers, pin_memory=pin)
+        targets = (batch_stream(self.data.target, batch_size, seed=seed + 1, start=start, stop=iters,
+                                num_workers=workers, pin_memory=pin)
+                   if self.data.target is not None else None)
+        metrics: dict[str, Any] = {}
+        if self.evaluated and iters == 0 and start == 0:
+            metrics = self.evaluate_and_report(0, {})  # a zero-length reported stage still reports its start model
+        tic = time.time()
+        self.model.train()
+        for i in range(start, iters):
+            self.ctx.iteration = i
+            self.set_rates(i)
+            source = _move(next(sources), device)
+            target = _move(next(targets), device) if targets is not None else None
+            losses = self.method.train_step(self.ctx, source, target)
+            if self.average is not None:
+                self.average.update_parameters(self.model)
+            self.pending.append((i + 1, {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}))
+            done = i + 1
+            evaluating = self.evaluated and (done % self.eval_every == 0 or done == iters)
+            checkpointing = not evaluating and done % runtime.checkpoint_every == 0 and done < iters
+            if done % runtime.log_every == 0 or done == iters or evaluating or checkpointing:
+                losses = self.read_losses()  # the only host sync of the hot loop
+            if done % runtime.log_every == 0 or done == iters:
+                self.print_losses(done, tic)
+                tic = time.time()
+            if evaluating:
+                metrics = self.evaluate_and_report(done, losses)
+            elif checkpointing:
+                self.checkpoint(done)
+        atomic_save(self.scored.state_dict(), self.work_dir / "model.pt")
+        return {**metrics, **self.best} if self.evaluated else {}
 
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:

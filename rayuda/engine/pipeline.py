@@ -22,11 +22,12 @@ import torch
 import yaml
 from torch.utils.data import Subset
 
-from rayuda.config import ConfigError, flatten, save_config
+from rayuda.config import ConfigError, cache_root, flatten, save_config
 from rayuda.data import open_dataset, with_pseudo_labels
 from rayuda.data.split import SMALL_TEST, split_images
 from rayuda.data.transforms import OwnLabelSize, Transform, config_transform
 from rayuda.data.verify import BadPair, drop_pairs, refuse_bad_pairs, verify_pairs
+from rayuda.engine.accel import pick_device
 from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
 from rayuda.engine.evaluate import AUTO, SELECTION_METRICS, evaluate, resolve_metric
@@ -47,13 +48,7 @@ from rayuda.models import build_segmenter
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYUDA_CACHE", Path.home() / ".cache" / "rayuda")) / "stages"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return cache_root() / "stages"
 
 
 @dataclass
@@ -363,8 +358,48 @@ def run_pipeline(
     if done is not None and report is None:  # with a report hook (a Tune trial), replay the cached stages
         print(f"[{method}] {out_dir} already holds this finished run; not training again", flush=True)
         return done
+    plan, device, class_names, dropped, holdout = _preflight(cfg, list_dropped)
+    if stale:
+        print(f"[{method}] --force-new: moved the run of another config to {move_aside(out_dir)}", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    runtime = Runtime.of(cfg, device)  # + the GPU speed settings (rayuda.engine.accel)
+    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names, skip=frozenset(p.image for p in dropped))
+    total = sum(_iters(cfg, s) for s in plan if s.reported)
+    print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
+          f"[{method}] plan: " + " → ".join(s.name + (" (reported)" if s.reported else "") for s in plan)
+          + f"; {total} reported iterations\n[{method}] {holdout}", flush=True)
+
+    records, upstream, offset = [], None, 0
+    for index, stage in enumerate(plan):
+        records.append(_run_stage(run, plan, index, upstream=upstream, offset=offset, out_dir=out_dir,
+                                  cache_dir=cache_dir, report=report))
+        upstream = records[-1]["key"]
+        if stage.reported:
+            offset += _iters(cfg, stage)
+
+    best = max(run.evals, key=lambda m: m["score"])
+    _link(run.dirs[best["stage"]] / "best_model.pt", out_dir / "best_model.pt")
+    _link(run.dirs[run.last_train] / "model.pt", out_dir / "model.pt")
+    return _summarise(run, method, records, out_dir, start_time, total, _test_results(run, out_dir), dropped)
+
+
+def _iters(cfg: dict[str, Any], stage: Stage) -> int:
+    """A stage's iterations (0 for a pseudo-label pass)."""
+    return int(cfg["stages"][stage.name]["iters"]) if stage.kind == "train" else 0
+
+
+def _preflight(cfg: dict[str, Any], list_dropped: bool) -> tuple[list[Stage], torch.device, list[str], list[BadPair],
+                                                                     str]:
+    """Everything checkable, before ``out_dir`` is touched or compute is spent: the plan, the device, the data
+    specs, the holdout, every input (:func:`check_inputs`). Returns the plan, the device, the class names, the
+    bad pairs ``data.bad_pairs=skip`` drops (listed, or counted when ``list_dropped`` is False) and the holdout's
+    line."""
     plan = plan_of(cfg)
-    check_plan(plan, cfg)  # everything checkable is checked before out_dir is touched or compute is spent
+    check_plan(plan, cfg)
+    device = pick_device(cfg["train"]["device"])
     class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
     open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
     holdout = describe_holdout(cfg)
@@ -375,88 +410,74 @@ def run_pipeline(
         lines = dropped_lines(dropped)
         print("\n".join(lines if list_dropped else [lines[0].rstrip(":") + " (listed in summary.json)"]),
               flush=True)
-    if stale:
-        print(f"[{method}] --force-new: moved the run of another config to {move_aside(out_dir)}", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return plan, device, class_names, dropped, holdout
 
-    train = cfg["train"]
-    runtime = Runtime.of(cfg, pick_device(train["device"]))  # + the GPU speed settings (rayuda.engine.accel)
-    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names, skip=skip)
-    reported = [s for s in plan if s.reported]
-    total = sum(int(cfg["stages"][s.name]["iters"]) for s in reported)
-    print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
-          f"[{method}] plan: " + " → ".join(s.name + (" (reported)" if s.reported else "") for s in plan)
-          + f"; {total} reported iterations\n[{method}] {holdout}", flush=True)
 
-    records, upstream, offset = [], None, 0
-    for index, stage in enumerate(plan):
-        slc = stage_slice(cfg, stage)
-        key = stage_key(stage, slc, upstream)
-        tic = time.time()
-        tag = f"[stage {index + 1}/{len(plan)} {stage.name}]"
-        iters = int(slc["stages"][stage.name]["iters"]) if stage.kind == "train" else 0
+def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | None, offset: int, out_dir: Path,
+               cache_dir: Path, report: Report | None) -> dict[str, Any]:
+    """Stage ``index`` of the plan: its key, then the cache — a hit replays its evaluations, a miss computes it
+    (a non-reported train stage of 0 iterations is skipped). Returns the stage's record for the summary."""
+    stage, cfg = plan[index], run.cfg
+    last_reported = [s for s in plan if s.reported][-1]
+    slc = stage_slice(cfg, stage)
+    key = stage_key(stage, slc, upstream)
+    tic = time.time()
+    tag = f"[stage {index + 1}/{len(plan)} {stage.name}]"
+    iters = _iters(cfg, stage)
 
-        def stage_report(metrics, report_dir, stage=stage, offset=offset, iters=iters):
-            """An evaluation on the run's step axis. One ``replayed`` from before a resume counts for the
-            summary but is not reported again (the search saw it), unless it is the last."""
-            replayed = metrics.get("replayed", False)
-            metrics = {k: v for k, v in metrics.items() if k != "replayed"}
-            metrics = {**metrics, "iteration": offset + metrics["iteration"], "stage": stage.name,
-                       "stage_iteration": metrics["iteration"]}
-            if stage is reported[-1] and metrics["stage_iteration"] == iters:
-                metrics["last_report"] = True  # the trial's final report: the search driver needs no guess
-            if report_dir is not None and all(metrics["score"] > m["score"] for m in run.evals):
-                _link(report_dir / "model.pt", out_dir / "best_model.pt")  # there even if the search stops us
-            if report_dir is not None:
-                _link_probe(report_dir.parent, metrics, out_dir)
-            run.evals.append(metrics)
-            if report is not None and (not replayed or metrics.get("last_report")):
-                report(metrics, report_dir)
+    def stage_report(metrics, report_dir):
+        """An evaluation on the run's step axis. One ``replayed`` from before a resume counts for the
+        summary but is not reported again (the search saw it), unless it is the last."""
+        replayed = metrics.get("replayed", False)
+        metrics = {k: v for k, v in metrics.items() if k != "replayed"}
+        metrics = {**metrics, "iteration": offset + metrics["iteration"], "stage": stage.name,
+                   "stage_iteration": metrics["iteration"]}
+        if stage is last_reported and metrics["stage_iteration"] == iters:
+            metrics["last_report"] = True  # the trial's final report: the search driver needs no guess
+        if report_dir is not None and all(metrics["score"] > m["score"] for m in run.evals):
+            _link(report_dir / "model.pt", out_dir / "best_model.pt")  # there even if the search stops us
+        if report_dir is not None:
+            _link_probe(report_dir.parent, metrics, out_dir)
+        run.evals.append(metrics)
+        if report is not None and (not replayed or metrics.get("last_report")):
+            report(metrics, report_dir)
 
-        if stage.kind == "train" and iters == 0 and not stage.reported:
-            records.append({"stage": stage.name, "kind": stage.kind, "key": key, "cache": "skipped", "dir": None,
-                            "seconds": 0.0})
-            print(f"{tag} skipped (0 iterations)", flush=True)
-            upstream = key
-            continue
+    if stage.kind == "train" and iters == 0 and not stage.reported:
+        print(f"{tag} skipped (0 iterations)", flush=True)
+        return {"stage": stage.name, "kind": stage.kind, "key": key, "cache": "skipped", "dir": None, "seconds": 0.0}
 
-        def compute(work_dir, stage=stage, index=index, slc=slc, stage_report=stage_report):
-            if stage.kind == "train":
-                return _train(run, stage, index, slc, work_dir, stage_report if stage.reported else None)
-            return _pseudo_labels(run, stage, slc, work_dir)
-
-        print(f"{tag} key {key}", flush=True)
-        stage_dir, hit = cached_stage(cache_dir, stage.name, key,
-                                      {"identity": stage_identity(stage), "config": slc.plain(), "upstream": upstream},
-                                      compute)
-        if hit and stage.reported:
-            replay = [json.loads(line) for line in (stage_dir / "evals.jsonl").read_text().splitlines()]
-            if all(max(m["score"] for m in replay) > m["score"] for m in run.evals):
-                _link(stage_dir / "best_model.pt", out_dir / "best_model.pt")
-            for n, metrics in enumerate(replay):
-                _link_probe(stage_dir, {**metrics, "iteration": offset + metrics["iteration"],
-                                        "stage_iteration": metrics["iteration"]}, out_dir)
-                stage_report(metrics, stage_dir / "report" if n == len(replay) - 1 else None)
-        recorded = stage_record(stage_dir)
-        seconds = round(time.time() - tic, 2)
-        records.append({"stage": stage.name, "kind": stage.kind, "key": key, "cache": "hit" if hit else "miss",
-                        "dir": str(stage_dir), "seconds": seconds, "compute_seconds": recorded["seconds"],
-                        **{k: v for k, v in recorded["facts"].items() if k != "iterations"}})
-        print(f"{tag} {'cache hit' if hit else 'computed'} in {seconds:.1f} s (computing it took "
-              f"{recorded['seconds']:.1f} s): {stage_dir}", flush=True)
-        run.dirs[stage.name] = stage_dir
+    def compute(work_dir):
         if stage.kind == "train":
-            run.last_train = stage.name
-        if stage.reported:
-            offset += iters
-        upstream = key
+            return _train(run, stage, index, slc, work_dir, stage_report if stage.reported else None)
+        return _pseudo_labels(run, stage, slc, work_dir)
 
-    best = max(run.evals, key=lambda m: m["score"])
-    _link(run.dirs[best["stage"]] / "best_model.pt", out_dir / "best_model.pt")
-    _link(run.dirs[run.last_train] / "model.pt", out_dir / "model.pt")
-    return _summarise(run, method, records, out_dir, start_time, total, _test_results(run, out_dir), dropped)
+    print(f"{tag} key {key}", flush=True)
+    stage_dir, hit = cached_stage(cache_dir, stage.name, key,
+                                  {"identity": stage_identity(stage), "config": slc.plain(), "upstream": upstream},
+                                  compute)
+    if hit and stage.reported:
+        _replay(run, stage_dir, offset, out_dir, stage_report)
+    recorded = stage_record(stage_dir)
+    seconds = round(time.time() - tic, 2)
+    print(f"{tag} {'cache hit' if hit else 'computed'} in {seconds:.1f} s (computing it took "
+          f"{recorded['seconds']:.1f} s): {stage_dir}", flush=True)
+    run.dirs[stage.name] = stage_dir
+    if stage.kind == "train":
+        run.last_train = stage.name
+    return {"stage": stage.name, "kind": stage.kind, "key": key, "cache": "hit" if hit else "miss",
+            "dir": str(stage_dir), "seconds": seconds, "compute_seconds": recorded["seconds"],
+            **{k: v for k, v in recorded["facts"].items() if k != "iterations"}}
+
+
+def _replay(run: PlanRun, stage_dir: Path, offset: int, out_dir: Path, stage_report) -> None:
+    """A cached reported stage's recorded evaluations, reported again (so a repeated config costs nothing)."""
+    replay = [json.loads(line) for line in (stage_dir / "evals.jsonl").read_text().splitlines()]
+    if all(max(m["score"] for m in replay) > m["score"] for m in run.evals):
+        _link(stage_dir / "best_model.pt", out_dir / "best_model.pt")
+    for n, metrics in enumerate(replay):
+        _link_probe(stage_dir, {**metrics, "iteration": offset + metrics["iteration"],
+                                "stage_iteration": metrics["iteration"]}, out_dir)
+        stage_report(metrics, stage_dir / "report" if n == len(replay) - 1 else None)
 
 
 def _test_results(run: PlanRun, out_dir: Path) -> dict[str, Any]:

@@ -131,59 +131,75 @@ def stage_params(cfg: dict[str, Any], stage: Stage) -> dict[str, Any]:
 
 def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
     """Refuse a plan the engine cannot run, before any compute: unknown kinds, missing schedules, references
-    to stages that do not come earlier, no reported stage."""
+    to stages that do not come earlier, no reported stage; then the run settings every stage reads."""
     seen: dict[str, Stage] = {}
     for stage in plan:
         where = f"{cfg['method']} plan, stage {stage.name!r}"
         if stage.name in seen:
             raise ConfigError(f"{where}: the name is used twice")
         if stage.kind == "train":
-            if stage.step is None:
-                raise ConfigError(f"{where}: a train stage needs a step method")
-            if stage.name not in cfg["stages"]:
-                raise ConfigError(f"{where}: no schedule stages.{stage.name} in the config")
-            schedule = cfg["stages"][stage.name]
-            if not isinstance(schedule.get("iters"), int) or schedule["iters"] < 0:
-                raise ConfigError(f"stages.{stage.name}.iters must be an int ≥ 0, got {schedule.get('iters')!r}")
-            if not schedule.get("lr", 0) > 0:
-                raise ConfigError(f"stages.{stage.name}.lr must be > 0, got {schedule.get('lr')!r}")
-            decay = schedule.get("decay_iters")
-            if decay is not None and (type(decay) is not int or decay < schedule["iters"]):
-                raise ConfigError(f"stages.{stage.name}.decay_iters must be null or an int ≥ stages.{stage.name}.iters "
-                                  f"({schedule['iters']}), got {decay!r}")
-            for role in (stage.source, stage.target):
-                if role and ":" in role:
-                    ref, _, _ = role.partition(":")
-                    if seen.get(ref) is None or seen[ref].kind != "pseudo_labels":
-                        raise ConfigError(f"{where}: {role!r} needs an earlier pseudo_labels stage {ref!r}")
-                elif role not in (None, "source", "target"):
-                    raise ConfigError(f"{where}: data {role!r} is not source, target or STAGE:SUBSET")
-            for ref in {stage.init, stage.teacher} - {None, "upstream", "model.init"}:
-                if seen.get(ref) is None or seen[ref].kind != "train":
-                    raise ConfigError(f"{where}: {ref!r} is not an earlier train stage")
+            _check_train_stage(stage, cfg, seen, where)
         elif stage.kind == "pseudo_labels":
-            if stage.labeller is None:
-                raise ConfigError(f"{where}: a pseudo_labels stage needs a labeller")
-            if not any(s.kind == "train" for s in seen.values()):
-                raise ConfigError(f"{where}: a pseudo_labels stage needs an earlier train stage's model")
-            try:  # a labeller checks its knobs when it is made: made once here, before any compute
-                stage.labeller(stage_params(cfg, stage), ["class"] * 2)
-            except (KeyError, TypeError, ValueError) as err:
-                raise ConfigError(f"{where}: {stage.params}: {err}") from None
+            _check_pseudo_label_stage(stage, cfg, seen, where)
         else:
             raise ConfigError(f"{where}: unknown kind {stage.kind!r} (train or pseudo_labels)")
         seen[stage.name] = stage
     if not any(s.reported for s in plan):
         raise ConfigError(f"{cfg['method']} plan reports no stage to the search")
-    if cfg["train"]["metric"] not in (*SELECTION_METRICS, AUTO):
-        raise ConfigError(f"train.metric {cfg['train']['metric']!r} is not a selection metric; valid: "
+    _check_settings(cfg)
+
+
+def _check_train_stage(stage: Stage, cfg: dict[str, Any], seen: dict[str, Stage], where: str) -> None:
+    """A train stage's step method, its schedule, and the earlier stages its data, init and teacher name."""
+    if stage.step is None:
+        raise ConfigError(f"{where}: a train stage needs a step method")
+    if stage.name not in cfg["stages"]:
+        raise ConfigError(f"{where}: no schedule stages.{stage.name} in the config")
+    schedule = cfg["stages"][stage.name]
+    if not isinstance(schedule.get("iters"), int) or schedule["iters"] < 0:
+        raise ConfigError(f"stages.{stage.name}.iters must be an int ≥ 0, got {schedule.get('iters')!r}")
+    if not schedule.get("lr", 0) > 0:
+        raise ConfigError(f"stages.{stage.name}.lr must be > 0, got {schedule.get('lr')!r}")
+    decay = schedule.get("decay_iters")
+    if decay is not None and (type(decay) is not int or decay < schedule["iters"]):
+        raise ConfigError(f"stages.{stage.name}.decay_iters must be null or an int ≥ stages.{stage.name}.iters "
+                          f"({schedule['iters']}), got {decay!r}")
+    for role in (stage.source, stage.target):
+        if role and ":" in role:
+            ref, _, _ = role.partition(":")
+            if seen.get(ref) is None or seen[ref].kind != "pseudo_labels":
+                raise ConfigError(f"{where}: {role!r} needs an earlier pseudo_labels stage {ref!r}")
+        elif role not in (None, "source", "target"):
+            raise ConfigError(f"{where}: data {role!r} is not source, target or STAGE:SUBSET")
+    for ref in {stage.init, stage.teacher} - {None, "upstream", "model.init"}:
+        if seen.get(ref) is None or seen[ref].kind != "train":
+            raise ConfigError(f"{where}: {ref!r} is not an earlier train stage")
+
+
+def _check_pseudo_label_stage(stage: Stage, cfg: dict[str, Any], seen: dict[str, Stage], where: str) -> None:
+    """A pseudo-label stage's labeller (made once from its knobs) and the earlier model it labels with."""
+    if stage.labeller is None:
+        raise ConfigError(f"{where}: a pseudo_labels stage needs a labeller")
+    if not any(s.kind == "train" for s in seen.values()):
+        raise ConfigError(f"{where}: a pseudo_labels stage needs an earlier train stage's model")
+    try:  # a labeller checks its knobs when it is made: made once here, before any compute
+        stage.labeller(stage_params(cfg, stage), ["class"] * 2)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {stage.params}: {err}") from None
+
+
+def _check_settings(cfg: dict[str, Any]) -> None:
+    """The run settings: selection metric and probe, evaluation protocol, bad pairs, EMA, intervals, transforms."""
+    train = cfg["train"]
+    if train["metric"] not in (*SELECTION_METRICS, AUTO):
+        raise ConfigError(f"train.metric {train['metric']!r} is not a selection metric; valid: "
                           f"{', '.join([*SELECTION_METRICS, AUTO])}")
-    probes = cfg["train"]["probe_images"]
+    probes = train["probe_images"]
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
         raise ConfigError(f"train.probe_images must be an int ≥ 0 (0: store no probe predictions), got {probes!r}")
-    needs_probe = SELECTION_METRICS.get(cfg["train"]["metric"], ("",))[0].startswith("proxy/")
+    needs_probe = SELECTION_METRICS.get(train["metric"], ("",))[0].startswith("proxy/")
     if needs_probe and probes == 0:
-        raise ConfigError(f"train.metric {cfg['train']['metric']!r} is computed on the probe images: "
+        raise ConfigError(f"train.metric {train['metric']!r} is computed on the probe images: "
                           "train.probe_images must be ≥ 1")
     if cfg["data"]["eval_protocol"] not in (None, *EVAL_PROTOCOLS):
         raise ConfigError(f"data.eval_protocol must be one of {', '.join(EVAL_PROTOCOLS)} or null (chosen per target "
@@ -191,12 +207,12 @@ def check_plan(plan: list[Stage], cfg: dict[str, Any]) -> None:
     if cfg["data"]["bad_pairs"] not in BAD_PAIR_POLICIES:
         raise ConfigError(f"data.bad_pairs must be one of {', '.join(BAD_PAIR_POLICIES)}, got "
                           f"{cfg['data']['bad_pairs']!r}")
-    ema = cfg["train"]["ema"]
+    ema = train["ema"]
     if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1:
         raise ConfigError(f"train.ema must be a number in [0, 1) (the average's decay; 0: none), got {ema!r}")
     for key in ("eval_every", "log_every"):
-        if not isinstance(cfg["train"][key], int) or cfg["train"][key] < 1:
-            raise ConfigError(f"train.{key} must be an int ≥ 1, got {cfg['train'][key]!r}")
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be an int ≥ 1, got {train[key]!r}")
     for role in ("source", "target"):  # sizes, crops, data.augment, model.preprocessing: refused before any compute
         try:
             config_transform(cfg, role, train=True)

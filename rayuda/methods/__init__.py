@@ -14,7 +14,7 @@ from typing import Any
 from rayuda import config as _config
 from rayuda.methods.adaptsegnet import AdaptSegNet
 from rayuda.methods.advent import AdvEnt
-from rayuda.methods.base import Method, Stage
+from rayuda.methods.base import Method, SourceOnly, Stage
 from rayuda.methods.cada import CADA
 from rayuda.methods.cra import CRA
 from rayuda.methods.cram import CRAM
@@ -22,7 +22,6 @@ from rayuda.methods.fgdem import FGDEM
 from rayuda.methods.intrada import IntraDA
 from rayuda.methods.minent import MinEnt
 from rayuda.methods.pixintrada import PixIntraDA
-from rayuda.methods.source_only import SourceOnly
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SourceOnly, AdaptSegNet, AdvEnt, MinEnt, CRAM, FGDEM, IntraDA)

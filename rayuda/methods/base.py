@@ -56,14 +56,6 @@ class Stage:
     reported: bool = False
 
 
-#: The source-only stage every plan starts from; its key does not depend on the method, so all methods
-#: (and all trials of a search) share it.
-def source_only_stage() -> Stage:
-    from rayuda.methods.source_only import SourceOnly
-
-    return Stage("source_only", step=SourceOnly, params=None, target=None)
-
-
 class Method:
     """Base of every UDA method.
 
@@ -107,3 +99,33 @@ class Method:
 
 def image_size(batch: dict) -> tuple[int, int]:
     return tuple(batch["label"].shape[-2:])
+
+
+class SourceOnly(Method):
+    """``source_only``: supervised cross-entropy on the labelled source domain, the first stage of every plan.
+
+    As a method of its own, its plan is that one stage, reported: the source-only baseline of a target. It lives
+    beside :class:`Method` because every plan starts with its stage (:func:`source_only_stage`).
+    """
+
+    name = "source_only"
+
+    @classmethod
+    def schedules(cls):
+        return {}  # stages.source_only is in the base config: every plan starts with it
+
+    @classmethod
+    def plan(cls, params):
+        return [Stage("source_only", step=cls, params=None, target=None, reported=True)]
+
+    def train_step(self, ctx, source, target):
+        output = ctx.forward(source["image"])
+        loss_seg = ctx.seg_loss(output, source["label"])
+        ctx.step_generator(loss_seg)
+        return {"seg": loss_seg.detach()}
+
+
+def source_only_stage() -> Stage:
+    """The source-only stage every plan starts from; its key does not depend on the method, so all methods
+    (and all trials of a search) share it."""
+    return Stage("source_only", step=SourceOnly, params=None, target=None)

@@ -141,7 +141,15 @@ class CADAAdapt(OutputSpaceAdversarial):
 
 
 class CADASelfTraining(Method):
-    """A self-training round (eq. 6): CE on the kept pseudo-labels of target images, plus source CE."""
+    """A self-training round (eq. 6): CE on the kept pseudo-labels of target images, plus source CE.
+
+    Order: the *target* forward and backward come first, then the source's — the reverse of the two-domain
+    steps' source-first order (ARCHITECTURE, ``rayuda.methods``). On purpose: eq. 6 is the round's loss and the
+    source CE is rayuda's optional addition (``w_source: 0`` skips its forward), so the step reads as the paper's
+    loss plus the extra term. G steps once for both terms, so the gradient is the summed loss's in either order;
+    what the order changes is BatchNorm's running statistics (updated per forward, momentum-averaged), so
+    swapping it would change the trained weights and every cached round — kept as it was measured.
+    """
 
     name = "cada_ssl"
     defaults = {
