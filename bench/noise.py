@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", default="cram")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--knob", default="params.w_adv=1.25e-3",
-                        help="KEY=VALUE of the second config (the defaults' one knob, moved a little)")
+    parser.add_argument("--knob", nargs="+", default=["params.w_adv=1.25e-3"],
+                        help="KEY=VALUE of the second config (the defaults' one knob, moved a little); several "
+                             "assignments make a second config that differs in more (e.g. an earlier behaviour)")
     parser.add_argument("--knob-name", default="knob", help="the second config's run folders: OUT/NAME-seedS")
     parser.add_argument("--iters", type=int, default=DEMO_ITERS, help="iterations of the method's last stage")
     parser.add_argument("--set", action="append", default=[], help="override for every run (KEY=VALUE)")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     common = {**DEMO, **parse_assignments(args.set)}
-    configs = {"defaults": {}, "knob": parse_assignments([args.knob])}
+    configs = {"defaults": {}, "knob": parse_assignments(args.knob)}
     runs: dict[str, dict[int, dict]] = {name: {} for name in configs}
     for seed in args.seeds:
         for name, extra in configs.items():
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
             runs[name][seed] = {"cfg": cfg, "dir": run_dir, "seconds": round(time.time() - tic, 1)}
             print(f"== {name} seed {seed}: test mIoU {100 * summary['test']['final']['miou']:.2f}", flush=True)
 
-    results = {"method": args.method, "iters": args.iters, "common": common, "knob": args.knob,
+    results = {"method": args.method, "iters": args.iters, "common": common, "knob": " ".join(args.knob),
                "seeds": args.seeds, "sets": {}}
     sets = {"test part": None} if args.eval_target is None else {"test part": None, args.eval_target: args.eval_target}
     for set_name, target in sets.items():
