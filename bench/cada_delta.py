@@ -23,10 +23,10 @@ from rayuda.data import open_dataset
 from rayuda.data.transforms import Transform
 from rayuda.engine.checkpoint import load_checkpoint
 from rayuda.engine.passes import _softmaxes
-from rayuda.losses import shannon_entropy
 from rayuda.methods import resolve_config
+from rayuda.methods.cada.labeller import CategoryAdaptiveThresholds
+from rayuda.methods.cada.losses import shannon_entropy
 from rayuda.models import build_segmenter
-from rayuda.pseudo import CategoryAdaptiveThresholds
 
 
 def main(argv=None) -> int:

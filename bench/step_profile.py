@@ -29,21 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayuda.losses import (  # noqa: E402
-    bce_adversarial,
-    domain_encoding,
-    entropy_loss,
-    fine_grained_adv_loss,
-    fine_grained_d_loss,
-    layered_style_loss,
-    seg_cross_entropy,
-    weighted_self_information,
-)
+from rayuda.losses import bce_adversarial, entropy_loss, seg_cross_entropy, weighted_self_information  # noqa: E402
 from rayuda.methods import default_config, get_method  # noqa: E402
 from rayuda.methods.base import SOURCE, TARGET, image_size  # noqa: E402
 from rayuda.methods.context import ADV_LEVEL_WEIGHT, SEG_LEVEL_WEIGHT, TrainContext, set_requires_grad  # noqa: E402
-from rayuda.methods.cram import style_layer_weights  # noqa: E402
-from rayuda.methods.fgdem import deepest_features  # noqa: E402
+from rayuda.methods.cram import layered_style_loss, style_layer_weights  # noqa: E402
+from rayuda.methods.fgdem import (  # noqa: E402
+    deepest_features,
+    domain_encoding,
+    fine_grained_adv_loss,
+    fine_grained_d_loss,
+)
 from rayuda.models import build_segmenter, param_groups  # noqa: E402
 from rayuda.models.predict import upsample_logits  # noqa: E402
 

@@ -5,11 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayuda import losses as L
 from rayuda.config import ConfigError
 from rayuda.engine import accel
 from rayuda.engine.loop import Runtime, StageData, build_context
+from rayuda.losses import bce_adversarial, entropy_loss, seg_cross_entropy, weighted_self_information
 from rayuda.methods import default_config, get_method
+from rayuda.methods.cada.losses import self_training_cross_entropy, shannon_entropy
+from rayuda.methods.cra import cra_adv_loss, region_encoding
+from rayuda.methods.cram import confidence_aware_entropy, style_loss
+from rayuda.methods.fgdem import domain_encoding, fine_grained_adv_loss, fine_grained_d_loss
+from rayuda.methods.pixintrada.losses import (
+    continuous_index,
+    cts_d_loss,
+    cts_g_loss,
+    kl_to_uniform,
+    pla_d_loss,
+    pla_g_loss,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -95,22 +107,22 @@ def _inputs():
 
 def _losses(logits, label, feats, d, d2k, hard):
     prob = torch.softmax(logits.float(), 1)  # TrainContext.probs: float32 probabilities
-    enc = L.domain_encoding(logits, 1.8, 0.9, "source")
+    enc = domain_encoding(logits, 1.8, 0.9, "source")
     return {
-        "seg_cross_entropy": L.seg_cross_entropy(logits, label),
-        "self_training_cross_entropy": L.self_training_cross_entropy(logits, label),
-        "entropy_loss": L.entropy_loss(prob),
-        "weighted_self_information": L.weighted_self_information(prob).mean(),
-        "confidence_aware_entropy": L.confidence_aware_entropy(prob).mean(),
-        "style_loss": L.style_loss(*feats),
-        "bce_adversarial": L.bce_adversarial(d, 1.0),
-        "fine_grained": L.fine_grained_d_loss(d2k, d2k.flip(0), enc, L.domain_encoding(logits, 1.8, 0.9, "target")),
-        "fine_grained_adv": L.fine_grained_adv_loss(d2k, enc),
-        "cra": L.cra_adv_loss(d2k, L.region_encoding(logits, label[:, ::2, ::2] != 255, 1.8)),
-        "pla": L.pla_d_loss(d, hard) + L.pla_g_loss(d, hard),
-        "cts": L.cts_d_loss(d, L.continuous_index(prob, hard)) + L.cts_g_loss(d, hard),
-        "kl_to_uniform": L.kl_to_uniform(prob),
-        "shannon_entropy": L.shannon_entropy(prob).mean(),
+        "seg_cross_entropy": seg_cross_entropy(logits, label),
+        "self_training_cross_entropy": self_training_cross_entropy(logits, label),
+        "entropy_loss": entropy_loss(prob),
+        "weighted_self_information": weighted_self_information(prob).mean(),
+        "confidence_aware_entropy": confidence_aware_entropy(prob).mean(),
+        "style_loss": style_loss(*feats),
+        "bce_adversarial": bce_adversarial(d, 1.0),
+        "fine_grained": fine_grained_d_loss(d2k, d2k.flip(0), enc, domain_encoding(logits, 1.8, 0.9, "target")),
+        "fine_grained_adv": fine_grained_adv_loss(d2k, enc),
+        "cra": cra_adv_loss(d2k, region_encoding(logits, label[:, ::2, ::2] != 255, 1.8)),
+        "pla": pla_d_loss(d, hard) + pla_g_loss(d, hard),
+        "cts": cts_d_loss(d, continuous_index(prob, hard)) + cts_g_loss(d, hard),
+        "kl_to_uniform": kl_to_uniform(prob),
+        "shannon_entropy": shannon_entropy(prob).mean(),
     }
 
 

@@ -17,13 +17,13 @@ from torch import nn
 from rayuda.config import ConfigError
 from rayuda.engine import run_pipeline
 from rayuda.engine.plan import stage_key, stage_slice
-from rayuda.losses import self_training_cross_entropy, shannon_entropy, style_adversarial_loss
 from rayuda.methods import cada as cada_module
 from rayuda.methods import default_config, plan_of, resolve_config
 from rayuda.methods.cada import CADAAdapt, CADASelfTraining
+from rayuda.methods.cada.labeller import CategoryAdaptiveThresholds, class_centroids
+from rayuda.methods.cada.losses import self_training_cross_entropy, shannon_entropy, style_adversarial_loss
 from rayuda.methods.context import TrainContext
 from rayuda.models import SegOutput, StyleDiscriminator, build_segmenter, style_vector
-from rayuda.pseudo import CategoryAdaptiveThresholds, class_centroids
 from tests.test_engine import tiny
 
 CLASSES = ["road", "car", "sky"]

@@ -113,7 +113,7 @@ class _Stub(nn.Module):
         return SegOutput(logits={"main": self.z.expand(x.shape[0], -1, -1, -1)}, features={})
 
 
-class _RecordLr(Method):
+class _RecordLr(Method, register=False):
     name = "record_lr"
 
     def __init__(self):

@@ -12,17 +12,18 @@ import torch
 import yaml
 from torch import nn
 
-from rayuda import losses as L
 from rayuda.config import ConfigError
 from rayuda.engine.plan import stage_key, stage_slice
 from rayuda.hpo.space import load_space
+from rayuda.losses import seg_cross_entropy
 from rayuda.methods import cram as cram_module
 from rayuda.methods import default_config, get_method, plan_of, resolve_config
 from rayuda.methods.adaptsegnet import AdaptSegNet
 from rayuda.methods.advent import AdvEnt
 from rayuda.methods.cada import CADAAdapt
 from rayuda.methods.context import TrainContext
-from rayuda.methods.cra import CRA
+from rayuda.methods.cra import CRA, cra_adv_loss, region_encoding
+from rayuda.methods.cram import layered_style_loss
 from rayuda.models import OutputDiscriminator, SegOutput, build_segmenter
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -68,7 +69,7 @@ def test_cram_style_layers_default_to_the_papers_conv2_and_conv3(monkeypatch):
 
     def recording(feats_s, feats_t, weights):
         seen.update(weights)
-        return L.layered_style_loss(feats_s, feats_t, weights)
+        return layered_style_loss(feats_s, feats_t, weights)
 
     monkeypatch.setattr(cram_module, "layered_style_loss", recording)
     cfg, ctx = real_context("cram", dict(default_config("cram")["params"], cea=False))
@@ -124,11 +125,11 @@ def test_cra_adversarial_loss_is_a_mean_over_the_untrusted_pixels():
     enc = torch.tensor([a[0] + [0, 0], [0, 0] + a[1], [0, 0] + a[2]]).t().reshape(1, 4, 1, 3)
     d_logits = torch.tensor(D_LOGITS).t().reshape(1, 4, 1, 3)
     terms = _adv_terms(a[1], D_LOGITS[1]) + _adv_terms(a[2], D_LOGITS[2])
-    assert L.cra_adv_loss(d_logits, enc, ~trusted).item() == pytest.approx(terms / 2, rel=1e-6)  # ÷ 2 untrusted
-    assert L.cra_adv_loss(d_logits, enc).item() == pytest.approx(terms / 3, rel=1e-6)  # v1: ÷ all 3 pixels
+    assert cra_adv_loss(d_logits, enc, ~trusted).item() == pytest.approx(terms / 2, rel=1e-6)  # ÷ 2 untrusted
+    assert cra_adv_loss(d_logits, enc).item() == pytest.approx(terms / 3, rel=1e-6)  # v1: ÷ all 3 pixels
     # every pixel trusted: nothing to align, a zero (not NaN)
     all_trusted = torch.cat([enc[:, 2:] + enc[:, :2], torch.zeros_like(enc[:, :2])], 1)
-    assert L.cra_adv_loss(d_logits, all_trusted, torch.zeros(1, 1, 3, dtype=torch.bool)).item() == 0.0
+    assert cra_adv_loss(d_logits, all_trusted, torch.zeros(1, 1, 3, dtype=torch.bool)).item() == 0.0
 
 
 class CraStubG(nn.Module):
@@ -187,17 +188,17 @@ def test_cra_updates_g_on_eq_5_then_on_the_unweighted_eq_7_through_the_updated_g
     # step 1: eq. 5 alone — the CE of the trusted pixel 0 moves the logits, not the features
     z0 = torch.tensor([[2.0, 0.0], [0.0, 0.0]]).t().reshape(1, 2, 1, 2).requires_grad_()
     label = torch.tensor([[[0, 255]]])
-    (g_seg,) = torch.autograd.grad(L.seg_cross_entropy(z0, label), z0)
+    (g_seg,) = torch.autograd.grad(seg_cross_entropy(z0, label), z0)
     assert steps[0]["f"] is None and torch.allclose(steps[0]["z"], g_seg)
 
     # step 3: eq. 7 alone, weight 1, ÷ the one untrusted pixel, with the encoding of the *updated* logits
     z1 = (z0 - lr * g_seg).detach()
     f0 = torch.tensor(D_LOGITS[:2]).t().reshape(1, 4, 1, 2).requires_grad_()
     trusted = label != 255
-    enc = L.region_encoding(z1, trusted, 1.0)
-    (g_adv,) = torch.autograd.grad(L.cra_adv_loss(f0, enc, ~trusted), f0)
+    enc = region_encoding(z1, trusted, 1.0)
+    (g_adv,) = torch.autograd.grad(cra_adv_loss(f0, enc, ~trusted), f0)
     assert steps[1]["z"] is None and torch.allclose(steps[1]["f"], g_adv, atol=1e-7)
-    assert float(losses["adv"]) == pytest.approx(float(L.cra_adv_loss(f0.detach(), enc, ~trusted)), rel=1e-6)
+    assert float(losses["adv"]) == pytest.approx(float(cra_adv_loss(f0.detach(), enc, ~trusted)), rel=1e-6)
 
 
 def test_cra_one_step_form_is_the_earlier_update():

@@ -13,13 +13,10 @@ import pytest
 import torch
 
 from rayuda.engine.loop import losses_as_floats
-from rayuda.losses import (
-    layered_style_loss,
-)
 from rayuda.methods import default_config, get_method
 from rayuda.methods.base import image_size
 from rayuda.methods.context import TrainContext
-from rayuda.methods.cram import style_layer_weights
+from rayuda.methods.cram import layered_style_loss, style_layer_weights
 from rayuda.models import build_segmenter, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

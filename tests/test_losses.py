@@ -9,20 +9,20 @@ import torch
 
 from rayuda.losses import (
     bce_adversarial,
-    confidence_aware_entropy,
-    confidence_aware_target,
-    domain_encoding,
     entropy_loss,
     entropy_map,
-    fine_grained_adv_loss,
-    fine_grained_d_loss,
-    gram_matrix,
-    layered_style_loss,
     seg_cross_entropy,
     soft_label_cross_entropy,
-    style_loss,
     weighted_self_information,
 )
+from rayuda.methods.cram import (
+    confidence_aware_entropy,
+    confidence_aware_target,
+    gram_matrix,
+    layered_style_loss,
+    style_loss,
+)
+from rayuda.methods.fgdem import domain_encoding, fine_grained_adv_loss, fine_grained_d_loss
 
 LN2 = math.log(2)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rayuda.methods import METHODS, default_config, get_method
+from rayuda.methods import METHODS, Method, default_config, get_method
 from rayuda.methods.context import TrainContext
 from rayuda.models import SegOutput
 
@@ -120,6 +120,21 @@ def test_registry_lists_every_method():
                        "pixintrada", "cada"}
     with pytest.raises(ValueError, match="valid methods"):
         get_method("nope")
+
+
+def test_a_method_registers_itself_and_a_stage_step_does_not():
+    assert "cada_adapt" not in METHODS and "cada_ssl" not in METHODS  # CADA's stage steps: register=False
+
+    class Mine(Method):
+        name = "test_mine"
+
+    try:
+        assert get_method("test_mine") is Mine
+    finally:
+        del METHODS["test_mine"]
+    with pytest.raises(TypeError, match="no name of its own"):
+        class Nameless(Method):
+            pass
 
 
 # --- steps on a stub G whose maps depend on the image, with discriminators that see their input ------------

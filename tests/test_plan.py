@@ -20,8 +20,8 @@ from rayuda.engine.plan import StageConfigError, check_plan, stage_keys, stage_s
 from rayuda.methods import METHODS, plan_of, register_plugins, resolve_config
 from rayuda.methods.advent import AdvEnt
 from rayuda.methods.base import Stage, source_only_stage
+from rayuda.methods.intrada import EntropyRanking, easy_hard_split
 from rayuda.models import SegOutput
-from rayuda.pseudo import EntropyRanking, easy_hard_split
 from tests.test_engine import TINY, tiny
 
 
@@ -86,7 +86,7 @@ def test_reported_iterations_count_across_reported_stages(tmp_path, monkeypatch)
 
 
 def test_a_config_key_read_outside_the_stage_slice_raises(tmp_path, monkeypatch):
-    class Sneaky(AdvEnt):
+    class Sneaky(AdvEnt, register=False):
         name = "sneaky"
 
         def train_step(self, ctx, source, target):

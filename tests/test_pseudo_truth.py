@@ -21,8 +21,10 @@ from rayuda.engine import pipeline as pipeline_module
 from rayuda.engine import run_pipeline
 from rayuda.engine.evaluate import SELECTION_METRICS, resolve_metric
 from rayuda.engine.passes import pseudo_label_pass
+from rayuda.methods.cra import CrossRegionSplit
+from rayuda.methods.intrada import EntropyRanking
 from rayuda.models import SegOutput
-from rayuda.pseudo import IGNORE, CrossRegionSplit, EntropyRanking, rare_classes
+from rayuda.pseudo import IGNORE, rare_classes
 from rayuda.tracking import MlflowTracker, pseudo_metrics, threshold_tables
 from tests.test_engine import tiny
 

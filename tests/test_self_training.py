@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from rayuda import losses as L
 from rayuda.config import ConfigError
 from rayuda.engine import run_pipeline
 from rayuda.engine.plan import stage_key, stage_slice
@@ -20,9 +19,18 @@ from rayuda.methods import cra as cra_module
 from rayuda.methods import default_config, get_method, plan_of, resolve_config
 from rayuda.methods import pixintrada as pix_module
 from rayuda.methods.context import TrainContext
+from rayuda.methods.cra import CrossRegionSplit, cra_adv_loss, cra_d_loss, cra_entropy, region_encoding
 from rayuda.methods.fgdem import FGDEM
+from rayuda.methods.pixintrada.labeller import ClassThresholdSplit, histogram_median
+from rayuda.methods.pixintrada.losses import (
+    continuous_index,
+    cts_d_loss,
+    cts_g_loss,
+    kl_to_uniform,
+    pla_d_loss,
+    pla_g_loss,
+)
 from rayuda.models import SegOutput
-from rayuda.pseudo import ClassThresholdSplit, CrossRegionSplit, histogram_median
 from tests.test_engine import tiny
 
 
@@ -50,18 +58,18 @@ def test_cra_entropy_uses_the_k_log_k_normaliser():
     k = 4
     uniform = torch.full((1, k, 1, 1), 1 / k)
     two = torch.tensor([0.5, 0.5, 0.0, 0.0]).view(1, k, 1, 1)
-    assert L.cra_entropy(uniform).item() == pytest.approx(1 / k, rel=1e-6)  # log K / (K log K)
-    assert L.cra_entropy(two).item() == pytest.approx(math.log(2) / (k * math.log(k)), rel=1e-6)
+    assert cra_entropy(uniform).item() == pytest.approx(1 / k, rel=1e-6)  # log K / (K log K)
+    assert cra_entropy(two).item() == pytest.approx(math.log(2) / (k * math.log(k)), rel=1e-6)
 
 
 def test_region_encoding_gives_trusted_pixels_a_0_and_untrusted_0_a():
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # 1×2×1×2
-    enc = L.region_encoding(logits, torch.tensor([[[True, False]]]), temperature=2.0)
+    enc = region_encoding(logits, torch.tensor([[[True, False]]]), temperature=2.0)
     a0 = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # pixel 0: z/T = [1, 0]
     a1 = torch.softmax(torch.tensor([0.0, 0.5]), 0)
     assert torch.allclose(enc[0, :, 0, 0], torch.cat([a0, torch.zeros(2)]))
     assert torch.allclose(enc[0, :, 0, 1], torch.cat([torch.zeros(2), a1]))
-    clamped = L.region_encoding(torch.tensor([[[[9.0]], [[0.0]]]]), torch.tensor([[[True]]]), 1.0, clamp=0.9)
+    clamped = region_encoding(torch.tensor([[[[9.0]], [[0.0]]]]), torch.tensor([[[True]]]), 1.0, clamp=0.9)
     assert clamped[0, 0].item() == pytest.approx(0.9)
 
 
@@ -83,8 +91,8 @@ def test_cra_losses_by_hand():
     enc = torch.tensor([a0 + [0, 0], [0, 0] + a1]).t().reshape(1, 4, 1, 2)  # pixel 0 trusted, pixel 1 not
     d_logits = torch.tensor([D0, D1]).t().reshape(1, 4, 1, 2)
     want_d, want_g = cra_expected(a0, a1)
-    assert L.cra_d_loss(d_logits, enc).item() == pytest.approx(want_d, rel=1e-6)
-    assert L.cra_adv_loss(d_logits, enc).item() == pytest.approx(want_g, rel=1e-6)
+    assert cra_d_loss(d_logits, enc).item() == pytest.approx(want_d, rel=1e-6)
+    assert cra_adv_loss(d_logits, enc).item() == pytest.approx(want_g, rel=1e-6)
 
 
 HARD_D = [0.8, 0.3, 0.6, 0.1]  # D = sigmoid(logits) at four pixels
@@ -99,42 +107,42 @@ def pla_inputs():
 def test_pla_losses_normalised_and_the_papers_unnormalised_form():
     d_logits, hard = pla_inputs()
     # normalised: the mean of D over hard pixels, of 1 − D over easy ones
-    assert L.pla_d_loss(d_logits, hard).item() == pytest.approx(-math.log(0.7) - math.log(0.8), rel=1e-5)
-    assert L.pla_g_loss(d_logits, hard).item() == pytest.approx(-math.log(0.3), rel=1e-5)
+    assert pla_d_loss(d_logits, hard).item() == pytest.approx(-math.log(0.7) - math.log(0.8), rel=1e-5)
+    assert pla_g_loss(d_logits, hard).item() == pytest.approx(-math.log(0.3), rel=1e-5)
     # eq. 6 as written: logs of sums (here ≥ 1 each, so the D loss is negative) — same gradients
-    raw = L.pla_d_loss(d_logits, hard, normalise=False)
+    raw = pla_d_loss(d_logits, hard, normalise=False)
     assert raw.item() == pytest.approx(-math.log(1.4) - math.log(1.6), rel=1e-5)
     (grad_raw,) = torch.autograd.grad(raw, d_logits)
-    (grad_norm,) = torch.autograd.grad(L.pla_d_loss(d_logits, hard), d_logits)
+    (grad_norm,) = torch.autograd.grad(pla_d_loss(d_logits, hard), d_logits)
     assert torch.allclose(grad_raw, grad_norm)
-    assert L.pla_g_loss(d_logits, hard, normalise=False).item() == pytest.approx(-math.log(0.6), rel=1e-5)
+    assert pla_g_loss(d_logits, hard, normalise=False).item() == pytest.approx(-math.log(0.6), rel=1e-5)
 
 
 def test_pla_loss_ignores_a_region_an_image_lacks():
     d_logits, _ = pla_inputs()
     all_easy = torch.zeros(1, 1, 2, 2)
-    assert L.pla_d_loss(d_logits, all_easy).item() == pytest.approx(-math.log(1 - sum(HARD_D) / 4), rel=1e-5)
-    assert L.pla_g_loss(d_logits, all_easy).item() == 0.0
+    assert pla_d_loss(d_logits, all_easy).item() == pytest.approx(-math.log(1 - sum(HARD_D) / 4), rel=1e-5)
+    assert pla_g_loss(d_logits, all_easy).item() == 0.0
 
 
 def test_continuous_index_and_cts_losses_by_hand():
     prob = torch.tensor([[0.7, 0.4], [0.3, 0.6]]).view(1, 2, 1, 2)
     hard = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
-    z = L.continuous_index(prob, hard)
+    z = continuous_index(prob, hard)
     assert z.flatten().tolist() == pytest.approx([0.0, 0.4])  # easy → 0, hard → 1 − max_k y_k
     d_logits = torch.tensor([logit(0.8), logit(0.3)]).view(1, 1, 1, 2)
-    assert L.cts_d_loss(d_logits, z).item() == pytest.approx((0.8**2 + 0.1**2) / 2, rel=1e-5)
-    assert L.cts_g_loss(d_logits, hard).item() == pytest.approx(0.3**2 / 2, rel=1e-5)
+    assert cts_d_loss(d_logits, z).item() == pytest.approx((0.8**2 + 0.1**2) / 2, rel=1e-5)
+    assert cts_g_loss(d_logits, hard).item() == pytest.approx(0.3**2 / 2, rel=1e-5)
 
 
 def test_kl_to_uniform_by_hand():
-    assert L.kl_to_uniform(torch.full((1, 3, 2, 2), 1 / 3)).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_uniform(torch.full((1, 3, 2, 2), 1 / 3)).item() == pytest.approx(0.0, abs=1e-6)
     p = torch.tensor([0.5, 0.25, 0.25]).view(1, 3, 1, 1)
     want = -math.log(3) - (math.log(0.5) + 2 * math.log(0.25)) / 3
-    assert L.kl_to_uniform(p).item() == pytest.approx(want, rel=1e-6)
+    assert kl_to_uniform(p).item() == pytest.approx(want, rel=1e-6)
     two = torch.cat([p, torch.full((1, 3, 1, 1), 1 / 3)], dim=3)  # pixel 1 uniform: KL 0
-    assert L.kl_to_uniform(two).item() == pytest.approx(want / 2, rel=1e-6)
-    assert L.kl_to_uniform(two, torch.tensor([[[True, False]]])).item() == pytest.approx(want, rel=1e-6)
+    assert kl_to_uniform(two).item() == pytest.approx(want / 2, rel=1e-6)
+    assert kl_to_uniform(two, torch.tensor([[[True, False]]])).item() == pytest.approx(want, rel=1e-6)
 
 
 # -- labellers on hand-made probability maps --------------------------------------------------------------
@@ -285,7 +293,7 @@ def test_cra_step_trains_on_trusted_pixels_and_labels_regions_at_d():
 
 
 def test_cra_step_check_catches_a_planted_region_swap(monkeypatch):
-    swapped = lambda logits, trusted, t, clamp: L.region_encoding(logits, ~trusted, t, clamp)  # noqa: E731
+    swapped = lambda logits, trusted, t, clamp: region_encoding(logits, ~trusted, t, clamp)  # noqa: E731
     monkeypatch.setattr(cra_module, "region_encoding", swapped)
     with pytest.raises(AssertionError):
         check_cra_step(cra_step())
@@ -325,8 +333,8 @@ def test_pixintrada_step_partial_ce_and_pixel_labels_at_d(adversarial):
 
 @pytest.mark.parametrize("adversarial", ["binary", "continuous"])
 def test_pixintrada_step_check_catches_a_planted_easy_hard_swap(adversarial, monkeypatch):
-    monkeypatch.setattr(pix_module, "pla_d_loss", lambda d, hard: L.pla_d_loss(d, 1 - hard))
-    monkeypatch.setattr(pix_module, "continuous_index", lambda prob, hard: L.continuous_index(prob, 1 - hard))
+    monkeypatch.setattr(pix_module, "pla_d_loss", lambda d, hard: pla_d_loss(d, 1 - hard))
+    monkeypatch.setattr(pix_module, "continuous_index", lambda prob, hard: continuous_index(prob, 1 - hard))
     with pytest.raises(AssertionError):
         check_pix_step(pix_step(adversarial), adversarial)
 

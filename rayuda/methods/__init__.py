@@ -1,4 +1,6 @@
-"""The method registry: name → class. Adding a method = one module here + one ``search_spaces`` YAML.
+"""The method registry: name → class. Adding a method = one module (or package) here + one ``search_spaces``
+YAML: every module of this package is imported below, and defining a :class:`Method` subclass registers it
+(:meth:`Method.__init_subclass__`).
 
 It is also where a method's defaults meet the base config: :func:`default_config` / :func:`resolve_config`
 hand ``rayuda.config`` the method's knobs and stage schedules.
@@ -8,40 +10,26 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 from pathlib import Path
 from typing import Any
 
 from rayuda import config as _config
-from rayuda.methods.adaptsegnet import AdaptSegNet
-from rayuda.methods.advent import AdvEnt
-from rayuda.methods.base import Method, SourceOnly, Stage
-from rayuda.methods.cada import CADA
-from rayuda.methods.cra import CRA
-from rayuda.methods.cram import CRAM
-from rayuda.methods.fgdem import FGDEM
-from rayuda.methods.intrada import IntraDA
-from rayuda.methods.minent import MinEnt
-from rayuda.methods.pixintrada import PixIntraDA
+from rayuda.methods.base import METHODS, Method, Stage
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SourceOnly, AdaptSegNet, AdvEnt, MinEnt, CRAM, FGDEM, IntraDA)
-}
-METHODS[CADA.name] = CADA
-METHODS[CRA.name] = CRA
-METHODS[PixIntraDA.name] = PixIntraDA
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def register_plugins(modules: str) -> None:
-    """Register the methods defined in ``modules`` (comma-separated import paths; ``$RAYUDA_METHODS``), so a
-    method of your own runs in ``rayuda.train`` / ``rayuda.tune`` (and in every Ray worker) without a fork."""
+    """Import ``modules`` (comma-separated import paths; ``$RAYUDA_METHODS``), whose :class:`Method` subclasses
+    register themselves, so a method of your own runs in ``rayuda.train`` / ``rayuda.tune`` (and in every Ray
+    worker) without a fork."""
     for module_name in filter(None, (m.strip() for m in modules.split(","))):
         try:
-            module = importlib.import_module(module_name)
+            importlib.import_module(module_name)
         except ImportError as err:
             raise _config.ConfigError(f"RAYUDA_METHODS: cannot import {module_name!r}: {err}") from None
-        for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__:
-                METHODS[obj.name] = obj
 
 
 register_plugins(os.environ.get("RAYUDA_METHODS", ""))

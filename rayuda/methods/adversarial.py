@@ -15,7 +15,7 @@ from rayuda.methods.context import ADV_LEVEL_WEIGHT, TrainContext
 from rayuda.models import OutputDiscriminator
 
 
-class OutputSpaceAdversarial(Method):
+class OutputSpaceAdversarial(Method, register=False):
     """G fools a per-level output-space discriminator on target maps; D tells source from target.
 
     Subclasses define :meth:`discriminator_input` (probabilities → map) and :meth:`map_channels`.

@@ -1,4 +1,5 @@
 """The method interface: a method is its knobs, its stage plan, the networks it adds and one training step.
+Defining a subclass of :class:`Method` registers it under its ``name`` in :data:`METHODS`.
 
 A *plan* is a list of :class:`Stage` s, declared as data; the engine (``rayuda.engine``) runs any plan,
 caching every stage under a key derived from exactly the config it reads. Single-stage methods keep the
@@ -56,6 +57,11 @@ class Stage:
     reported: bool = False
 
 
+#: Every registered method by name (``method:`` in a config, ``rayuda.train METHOD``), filled as the classes are
+#: defined (:meth:`Method.__init_subclass__`).
+METHODS: dict[str, type[Method]] = {}
+
+
 class Method:
     """Base of every UDA method.
 
@@ -63,6 +69,10 @@ class Method:
     implement :meth:`train_step`, the update order of one iteration readable top to bottom. Multi-stage
     methods override :meth:`plan` and :meth:`schedules` instead. ``version`` is part of every cache key of a
     stage this method trains: bump it when a change alters what the stage computes.
+
+    A subclass registers itself under its ``name``; one that is no method of its own — a shared base, or a
+    stage step that only a plan uses — is defined with ``register=False``
+    (``class CADAAdapt(OutputSpaceAdversarial, register=False)``).
     """
 
     name: ClassVar[str]
@@ -70,6 +80,15 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     #: whether ``setup`` adds discriminators (their optimiser settings then enter the stage's cache key)
     has_discriminators: ClassVar[bool] = False
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not register:
+            return
+        if "name" not in vars(cls):
+            raise TypeError(f"method class {cls.__qualname__} sets no name of its own: give it one, or define it "
+                            "with register=False (a base or a plan's stage step)")
+        METHODS[cls.name] = cls
 
     @classmethod
     def schedules(cls) -> dict[str, dict[str, Any]]:

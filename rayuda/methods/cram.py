@@ -27,10 +27,77 @@ confidence-aware entropy with AdvEnt's weighted self-information (plain entropy)
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from rayuda.config import ConfigError
-from rayuda.losses import confidence_aware_entropy, layered_style_loss, weighted_self_information
+from rayuda.losses import EPS, safe_log, weighted_self_information
 from rayuda.methods.adversarial import OutputSpaceAdversarial
 from rayuda.methods.base import image_size
+
+# --- losses: confidence-aware entropy (eq. 4–6) and style alignment (eq. 10–12) -----------------------------
+
+
+def confidence_aware_target(prob: torch.Tensor, detach_target: bool = True) -> torch.Tensor:
+    """CRAM's auxiliary target distribution Q (eq. 5), N×C×H×W.
+
+    ``f_c = Σ_{h,w} P_c`` is the soft frequency of class c in each image (a sum over pixels), and
+    ``Q_c = (P_c² / f_c) / Σ_c' (P_c'² / f_c')`` is normalised over classes at every pixel. Like the
+    target distribution of DEC-style clustering it comes from, Q is a target: detached by default.
+    """
+    if detach_target:
+        prob = prob.detach()
+    freq = prob.sum(dim=(2, 3), keepdim=True).clamp_min(EPS)
+    q = prob.pow(2) / freq
+    return q / q.sum(1, keepdim=True).clamp_min(EPS)
+
+
+def confidence_aware_entropy(
+    prob: torch.Tensor, per_class: bool = True, detach_target: bool = True
+) -> torch.Tensor:
+    """Confidence-aware entropy (CRAM eq. 4/6): ``C(h,w) = −(1/log C) Σ_c Q_c log P_c``, a cross-entropy
+    of P against the sharpened target Q of :func:`confidence_aware_target`.
+
+    ``per_class`` returns the C terms ``−Q_c log P_c / log C`` (N×C×H×W; the discriminator input, a
+    choice mirroring AdvEnt: the paper does not say how many channels D sees), else their channel sum, the
+    CE map itself (N×1×H×W). The ``1/log C`` factor is the paper's (eq. 4), as in AdvEnt's normalised entropy.
+    """
+    terms = -confidence_aware_target(prob, detach_target) * safe_log(prob) / math.log(prob.shape[1])
+    return terms if per_class else terms.sum(1, keepdim=True)
+
+
+def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
+    """Style feature (CRAM eq. 10), N×C×C: ``S = V Vᵀ`` with V the C×(H·W) flattened map; unnormalised.
+
+    In float32 even under autocast: the style loss is a difference of Gram matrices, which bfloat16 cancels.
+    """
+    with torch.autocast(feat.device.type, enabled=False):
+        v = feat.float().flatten(2)
+        return v @ v.transpose(1, 2)
+
+
+def style_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
+    """Style loss of one layer (CRAM eq. 11): ``‖S_S − S_T‖_F² / (4 N² M²)``, N channels, M = H·W.
+
+    (choice) Each domain's Gram matrix is averaged over its batch first, so a batch of source images is
+    compared with a batch of target images. Each is divided by its own M before the difference, i.e. the
+    loss is ``‖S_S/M_S − S_T/M_T‖_F² / (4N²)``: exactly eq. 11 when both domains share the feature size,
+    and still scale-consistent when source and target images differ in size.
+    """
+    channels = feat_s.shape[1]
+    g_s = gram_matrix(feat_s).mean(0) / feat_s[0, 0].numel()
+    g_t = gram_matrix(feat_t).mean(0) / feat_t[0, 0].numel()
+    return (g_s - g_t).pow(2).sum() / (4 * channels**2)
+
+
+def layered_style_loss(
+    feats_s: dict[str, torch.Tensor], feats_t: dict[str, torch.Tensor], weights: dict[str, float]
+) -> torch.Tensor:
+    """Total style loss (CRAM eq. 12): ``Σ_l w_l · L_sty^l`` over the layers named in ``weights``."""
+    return sum(w * style_loss(feats_s[layer], feats_t[layer]) for layer, w in weights.items())
+
+
 
 ORDERS = ("d_first", "g_first")  # params.order
 

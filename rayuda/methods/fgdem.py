@@ -20,15 +20,47 @@ from __future__ import annotations
 
 import torch
 
-from rayuda.losses import (
-    domain_encoding,
-    entropy_loss,
-    fine_grained_adv_loss,
-    fine_grained_d_loss,
-)
+from rayuda.losses import entropy_loss, soft_label_cross_entropy
 from rayuda.methods.base import Method, image_size
 from rayuda.methods.context import ADV_LEVEL_WEIGHT
 from rayuda.models import FineGrainedDiscriminator
+
+# --- losses: soft domain encodings (eq. 2) and the fine-grained adversarial terms (eq. 2–3) ----------------
+
+
+def domain_encoding(
+    logits: torch.Tensor, temperature: float, clamp: float | None = None, domain: str = "source"
+) -> torch.Tensor:
+    """FGDEM's soft domain label (eq. 2), N×2K×H×W: ``a = softmax(z / T)`` over classes (detached), then
+    ``[a; 0]`` for ``domain="source"`` or ``[0; a]`` for ``"target"``.
+
+    (choice, reference code) ``clamp`` caps each entry of ``a`` at that value (``a = min(a, clamp)``,
+    no renormalisation), as the FADA/FGDEM code does with ``T = 1.8``, ``clamp = 0.9``.
+    """
+    a = torch.softmax(logits.detach().float() / temperature, dim=1)
+    if clamp is not None:
+        a = a.clamp(max=clamp)
+    zeros = torch.zeros_like(a)
+    if domain == "source":
+        return torch.cat([a, zeros], dim=1)
+    if domain == "target":
+        return torch.cat([zeros, a], dim=1)
+    raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+
+
+def fine_grained_d_loss(
+    d_src: torch.Tensor, d_tgt: torch.Tensor, enc_src: torch.Tensor, enc_tgt: torch.Tensor
+) -> torch.Tensor:
+    """Discriminator loss (FGDEM eq. 2; halved as in the reference code):
+    ``½ [CE(D(f_S), [a_S; 0]) + CE(D(f_T), [0; a_T])]``."""
+    return 0.5 * (soft_label_cross_entropy(d_src, enc_src) + soft_label_cross_entropy(d_tgt, enc_tgt))
+
+
+def fine_grained_adv_loss(d_tgt: torch.Tensor, enc_tgt_as_source: torch.Tensor) -> torch.Tensor:
+    """G's adversarial loss (FGDEM eq. 3): ``CE(D(f_T), [a_T; 0])``, target features labelled source."""
+    return soft_label_cross_entropy(d_tgt, enc_tgt_as_source)
+
+
 
 
 def deepest_features(output) -> torch.Tensor:

@@ -17,9 +17,61 @@ on a short CPU schedule a restart would undo the adaptation it is meant to refin
 
 from __future__ import annotations
 
+import math
+
+import torch
+
+from rayuda.losses import entropy_map
 from rayuda.methods.advent import AdvEnt
 from rayuda.methods.base import DEFAULT_SCHEDULE, Method, Stage, source_only_stage
-from rayuda.pseudo import EntropyRanking
+from rayuda.pseudo import PseudoLabeller
+
+# --- the ``rank`` pass: entropy ranking (§3.2) ---------------------------------------------------------------
+
+
+def mean_normalised_entropy(prob: torch.Tensor) -> float:
+    """Mean over pixels of ``−Σ_c P_c log P_c / log C`` for one C×H×W softmax (IntraDA's ranking score)."""
+    return float(entropy_map(prob[None]).mean())
+
+
+def easy_hard_split(scores: dict[str, float], fraction: float) -> tuple[list[str], list[str]]:
+    """IntraDA's split (Pan et al. 2020, §3.2): sort images by score (ascending entropy); the first
+    ``⌊fraction · N⌋`` are *easy*, the rest *hard*. Ties are broken by name, so the split is deterministic."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"the easy fraction λ must lie in [0, 1], got {fraction}")
+    ranked = sorted(scores, key=lambda name: (scores[name], name))
+    cut = math.floor(fraction * len(ranked))
+    return ranked[:cut], ranked[cut:]
+
+
+class EntropyRanking(PseudoLabeller):
+    """IntraDA's entropy ranking: images with the lowest mean normalised entropy (fraction ``lambda``) are
+    *easy* and get argmax pseudo-labels on every pixel; the others are *hard* and stay unlabelled."""
+
+    name = "entropy_ranking"
+
+    def __init__(self, params, class_names):
+        super().__init__(params, class_names)
+        self.scores: dict[str, float] = {}
+        self.easy: list[str] = []
+        self.hard: list[str] = []
+
+    def observe(self, name, prob):
+        self.scores[name] = mean_normalised_entropy(prob)
+
+    def decide(self):
+        self.easy, self.hard = easy_hard_split(self.scores, float(self.params["lambda"]))
+        self._easy = set(self.easy)
+        return {"lambda": float(self.params["lambda"]), "easy": len(self.easy), "hard": len(self.hard),
+                "mean_entropy": self.scores}
+
+    def label(self, name, prob):
+        return prob.argmax(0).to(torch.uint8) if name in self._easy else None
+
+    def subsets(self):
+        return {"easy": list(self.easy), "hard": list(self.hard)}
+
+
 
 
 class IntraDA(Method):

@@ -14,7 +14,7 @@ Plan: source-only → ``adapt`` → (``thresholds<k>`` → ``round<k>``, reporte
   (channel means) of backbone layer l. ``style_weights`` maps each layer to its w_l: the paper's layer1 and layer2
   at 1; a layer with weight 0 gets no discriminator. Update order as AdaptSegNet/BDL: G with every D fixed, then the
   Ds on detached inputs.
-* ``thresholds<k>`` (§2.2, eq. 1–3): :class:`rayuda.pseudo.CategoryAdaptiveThresholds` with the latest
+* ``thresholds<k>`` (§2.2, eq. 1–3): :class:`rayuda.methods.cada.labeller.CategoryAdaptiveThresholds` with the latest
   model; a pixel predicted l keeps its label when ``E(P) < E(f^l) − Δ`` (``params.thresholds.delta``, nats).
   Δ is in nats, so it reads against the class centroids' entropies that the pass reports: on minicity
   (19 classes, the adapted model) they span 0.98–1.95 nats of the 2.94 maximum; Δ = −0.5 keeps ~all
@@ -37,12 +37,12 @@ iterations; the engine's poly schedule applies) and its CycleGAN-translated sour
 from __future__ import annotations
 
 from rayuda.config import ConfigError
-from rayuda.losses import self_training_cross_entropy, style_adversarial_loss
 from rayuda.methods.adversarial import OutputSpaceAdversarial
 from rayuda.methods.base import DEFAULT_SCHEDULE, SOURCE, TARGET, Method, Stage, image_size, source_only_stage
+from rayuda.methods.cada.labeller import CategoryAdaptiveThresholds
+from rayuda.methods.cada.losses import self_training_cross_entropy, style_adversarial_loss
 from rayuda.methods.context import SEG_LEVEL_WEIGHT
 from rayuda.models import OutputDiscriminator, StyleDiscriminator, style_vector
-from rayuda.pseudo import CategoryAdaptiveThresholds
 
 MAX_ROUNDS = 3
 STYLE_PREFIX = "style_"
@@ -58,7 +58,7 @@ def style_weights(params) -> dict[str, float]:
     return {layer: float(w) for layer, w in params["style_weights"].items() if float(w) > 0}
 
 
-class CADAAdapt(OutputSpaceAdversarial):
+class CADAAdapt(OutputSpaceAdversarial, register=False):
     """Stage 1: style-vector + output-space adversarial alignment (eq. 5)."""
 
     name = "cada_adapt"
@@ -140,7 +140,7 @@ class CADAAdapt(OutputSpaceAdversarial):
         return losses
 
 
-class CADASelfTraining(Method):
+class CADASelfTraining(Method, register=False):
     """A self-training round (eq. 6): CE on the kept pseudo-labels of target images, plus source CE.
 
     Order: the *target* forward and backward come first, then the source's — the reverse of the two-domain

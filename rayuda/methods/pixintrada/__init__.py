@@ -9,7 +9,7 @@ Plan: source-only → ``inter`` → ``split`` (pass) → ``intra`` (reported) [�
   al. 2018). Not reproduced: the paper's source images are GTA5 translated to Cityscapes' style by BDL [19]
   (point ``source=`` at them). ``advent`` (rayuda's earlier default) is the very stage ``intrada``
   trains (same name, knobs and key), so the two methods then share it in a stage cache.
-* ``split`` (:class:`rayuda.pseudo.ClassThresholdSplit`, ``params.split``): class-wise thresholds
+* ``split`` (:class:`rayuda.methods.pixintrada.labeller.ClassThresholdSplit`, ``params.split``): class-wise thresholds
   ``t_k = min(0.9, median confidence of class k)``; easy pixels (some ``y_k > α·t_k``) get the argmax over
   the passing classes, hard pixels 255 (eq. 2–4).
 * ``intra`` (``params.intra``), on target-train images only: partial CE on easy pixels (eq. 5) and a
@@ -34,13 +34,21 @@ from __future__ import annotations
 import torch
 
 from rayuda.config import ConfigError
-from rayuda.losses import continuous_index, cts_d_loss, cts_g_loss, kl_to_uniform, pla_d_loss, pla_g_loss
 from rayuda.methods.adaptsegnet import AdaptSegNet
 from rayuda.methods.advent import AdvEnt
 from rayuda.methods.base import DEFAULT_SCHEDULE, Method, Stage, image_size, source_only_stage
 from rayuda.methods.context import ADV_LEVEL_WEIGHT
+from rayuda.methods.pixintrada.labeller import ClassThresholdSplit
+from rayuda.methods.pixintrada.losses import (
+    continuous_index,
+    cts_d_loss,
+    cts_g_loss,
+    kl_to_uniform,
+    pla_d_loss,
+    pla_g_loss,
+)
 from rayuda.models import PixelDiscriminator
-from rayuda.pseudo import IGNORE, ClassThresholdSplit
+from rayuda.pseudo import IGNORE
 
 #: The inter-domain methods (``params.inter_method``); both read ``params.inter.w_adv``.
 INTER_METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (AdaptSegNet, AdvEnt)}
