@@ -177,7 +177,7 @@ def mlflow_state(tmp: Path, name: str) -> tuple[str, str]:
     """(parent status + child statuses, duplicate trial runs) of search ``name``."""
     from collections import Counter
 
-    from rayuda.tracking import client_for
+    from rayuda.runs import client_for
 
     client = client_for(f"sqlite:///{tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rayuda-minent")

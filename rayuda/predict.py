@@ -4,7 +4,7 @@ RUN is a run folder (``python -m rayuda.train``'s ``--out``) or a Tune trial fol
 ``best_model.pt`` / ``model.pt``), a search folder ``STORAGE/NAME`` (the run of its confirmed winner,
 ``work/winner.json``; without one, its trial with the highest ``best_score`` in ``work/trials/*/summary.json``),
 or an MLflow model URI (``models:/rayuda-cram@champion``: the latest confirmed winner; ``models:/rayuda-cram/3``,
-``runs:/...``) logged by :func:`rayuda.tracking.log_winner_model`.
+``runs:/...``) logged by :func:`rayuda.hpo.registry.log_winner_model`.
 
 Examples::
 

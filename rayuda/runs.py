@@ -1,6 +1,6 @@
 """A trained run, found and rebuilt: a run or trial folder, a search's winner, or an MLflow model URI.
 
-The library half of ``python -m rayuda.predict``, shared with :mod:`rayuda.tracking` (which logs a run's G as an
+The library half of ``python -m rayuda.predict``, shared with :mod:`rayuda.hpo.registry` (which logs a run's G as an
 MLflow model and reads it back through :func:`load_run`): :func:`resolve_run` turns any RUN into a
 :class:`LoadedRun` (G on the CPU in eval mode, with its resolved config). It talks to MLflow only through
 :func:`client_for` and :func:`mlflow_uri`, both here, so nothing below the command line imports the tracker.
@@ -27,7 +27,7 @@ from rayuda.config import ConfigError
 from rayuda.data import DatasetError, class_names
 
 WEIGHTS = {"best": "best_model.pt", "final": "model.pt"}
-#: Inside an MLflow model logged by rayuda: the files that rebuild G (see rayuda.tracking.log_winner_model).
+#: Inside an MLflow model logged by rayuda: the files that rebuild G (see rayuda.hpo.registry.log_winner_model).
 MODEL_FILES = "extra_files"
 MODEL_CONFIG, MODEL_STATE = "config.yaml", "state_dict.pt"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -239,7 +239,7 @@ def model_location(uri: str, tracking_uri: str) -> str:
 
 
 def load_model_uri(uri: str, tracking_uri: str) -> LoadedRun:
-    """G of an MLflow model logged by :func:`rayuda.tracking.log_winner_model`, rebuilt from its config and
+    """G of an MLflow model logged by :func:`rayuda.hpo.registry.log_winner_model`, rebuilt from its config and
     state dict (the model's ``extra_files``); its pickle-free ``pt2`` export is not needed here. Everything
     goes through ``tracking_uri``; MLflow's global URIs are left as they are."""
     import mlflow

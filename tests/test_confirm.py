@@ -83,7 +83,7 @@ def test_per_class_thresholds_become_a_table_a_chart_and_best_yaml_lines(tmp_pat
     import json
 
     from rayuda.hpo.report import threshold_lines
-    from rayuda.tracking import threshold_tables
+    from rayuda.hpo.trial_summary import threshold_tables
 
     stages = [{"stage": "source_only", "cache": "hit"},
               {"stage": "split", "cache": "miss", "per_class": {"road": {"threshold": 0.82, "kept_share": 0.64},

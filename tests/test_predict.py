@@ -211,15 +211,9 @@ def test_bad_run_on_the_command_line(trained, folder, tmp_path, case):
 def test_mlflow_experiment_kind_datasets_and_registered_model(trained, folder, tmp_path, capsys):
     import mlflow
 
-    from rayuda.tracking import (
-        EXPERIMENT_KIND,
-        EXPERIMENT_KIND_TAG,
-        client_for,
-        dataset_input,
-        ensure_experiment,
-        log_dataset_inputs,
-        log_winner_model,
-    )
+    from rayuda.hpo.registry import dataset_input, log_dataset_inputs, log_winner_model
+    from rayuda.hpo.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+    from rayuda.runs import client_for
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = client_for(uri)
@@ -288,7 +282,9 @@ def test_the_champion_alias_names_the_confirmed_version_and_predict_leaves_mlflo
         trained, folder, tmp_path):
     import mlflow
 
-    from rayuda.tracking import CHAMPION, client_for, ensure_experiment, log_winner_model
+    from rayuda.hpo.registry import CHAMPION, log_winner_model
+    from rayuda.hpo.tracking import ensure_experiment
+    from rayuda.runs import client_for
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = client_for(uri)

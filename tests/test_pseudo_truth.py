@@ -21,11 +21,12 @@ from rayuda.engine import pipeline as pipeline_module
 from rayuda.engine import run_pipeline
 from rayuda.engine.evaluate import SELECTION_METRICS, resolve_metric
 from rayuda.engine.passes import pseudo_label_pass
+from rayuda.hpo.tracking import MlflowTracker
+from rayuda.hpo.trial_summary import pseudo_metrics, threshold_tables
 from rayuda.methods.cra import CrossRegionSplit
 from rayuda.methods.intrada import EntropyRanking
 from rayuda.models import SegOutput
 from rayuda.pseudo import IGNORE, rare_classes
-from rayuda.tracking import MlflowTracker, pseudo_metrics, threshold_tables
 from tests.test_engine import tiny
 
 CLASSES = ["road", "sidewalk", "building"]  # train ids 0, 1, 2 under protocol 19
@@ -170,7 +171,8 @@ def test_thresholds_table_gets_precision_and_recall_columns(tmp_path):
 
 
 def test_pseudo_metrics_reach_the_trials_mlflow_run(tmp_path):
-    from rayuda.tracking import client_for, ensure_experiment
+    from rayuda.hpo.tracking import ensure_experiment
+    from rayuda.runs import client_for
 
     trial_dir = tmp_path / "trials" / "t1"
     trial_dir.mkdir(parents=True)

@@ -203,7 +203,7 @@ def test_a_search_whose_every_trial_diverges_fails_honestly(tmp_path):
                 "--no-confirm", "--set", "stages.minent.iters=4")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every trial failed" in proc.stderr and "at iteration" in proc.stderr
-    from rayuda.tracking import client_for
+    from rayuda.runs import client_for
 
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rayuda-minent")
@@ -248,7 +248,7 @@ def test_an_image_written_as_png_stays_valid_for_the_verifier(tmp_path):
 
 
 def test_a_resumed_search_tracks_to_the_mlflow_uri_given_at_resume(tmp_path):
-    from rayuda.tracking import MlflowTracker
+    from rayuda.hpo.tracking import MlflowTracker
 
     old, new = f"sqlite:///{tmp_path / 'old.db'}", f"sqlite:///{tmp_path / 'new.db'}"
     tracker = MlflowTracker(old, "rayuda-minent", "s", "s", {"minent": resolve_config("minent")}, {}, str(tmp_path))
@@ -258,7 +258,8 @@ def test_a_resumed_search_tracks_to_the_mlflow_uri_given_at_resume(tmp_path):
 
 
 def test_a_relative_sqlite_uri_gets_its_artifacts_beside_the_database(tmp_path, monkeypatch):
-    from rayuda.tracking import client_for, ensure_experiment
+    from rayuda.hpo.tracking import ensure_experiment
+    from rayuda.runs import client_for
 
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)

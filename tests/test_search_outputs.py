@@ -14,7 +14,7 @@ import pytest
 from mlflow_store import fresh_store
 from test_stock_datasets import bad_labels, gta5_with_bad_pairs
 
-from rayuda.tracking import client_for
+from rayuda.runs import client_for
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",

@@ -18,7 +18,7 @@ from mlflow_store import fresh_store
 
 from rayuda.hpo.searcher import JOURNAL, load_search_study
 from rayuda.hpo.space import load_space
-from rayuda.tracking import client_for
+from rayuda.runs import client_for
 
 TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
         "--set", "stages.source_only.iters=4", "--set", "train.log_every=2", "--set", "train.num_masks=2"]

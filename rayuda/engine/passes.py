@@ -183,7 +183,7 @@ def pseudo_label_pass(
 def truth_facts(truth: dict[str, Any]) -> dict[str, Any]:
     """The stage facts of a pass's ``truth`` record: ``pseudo/precision``, ``pseudo/recall``,
     ``pseudo/rare_precision``, ``pseudo/rare_recall`` (those defined; MLflow metrics of the trial, see
-    :func:`rayuda.tracking.pseudo_metrics`) and ``truth_per_class`` ({class: {precision, recall}}, columns of
+    :func:`rayuda.hpo.trial_summary.pseudo_metrics`) and ``truth_per_class`` ({class: {precision, recall}}, columns of
     the thresholds table). Reported, never a selection metric."""
     overall, rare = truth["overall"], truth["rare"]
     values = {"pseudo/precision": overall["precision"], "pseudo/recall": overall["recall"],

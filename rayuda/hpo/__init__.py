@@ -8,4 +8,7 @@
 - :mod:`~rayuda.hpo.trainable`: one trial = one :func:`rayuda.engine.run_pipeline` call.
 - :mod:`~rayuda.hpo.confirm`: the top configs and the defaults on fresh seeds → a verdict.
 - :mod:`~rayuda.hpo.report`: the trials table, the plots, the chosen config (``best.yaml``).
+- :mod:`~rayuda.hpo.tracking`: MLflow: the search's parent run, one child per trial (a Tune callback), the finish.
+- :mod:`~rayuda.hpo.trial_summary`: what a trial's ``summary.json`` adds to its MLflow run.
+- :mod:`~rayuda.hpo.registry`: the data as dataset inputs; the winner's G as a registered model (``champion``).
 """

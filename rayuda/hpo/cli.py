@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(args) -> tuple[SearchPlan, Places, Connection]:
     """The plan, the places and the services of a search, each checked before Ray starts."""
-    from rayuda.tracking import check_tracking_uri, default_tracking_uri
+    from rayuda.hpo.tracking import check_tracking_uri, default_tracking_uri
 
     if args.mlflow_uri:
         check_tracking_uri(args.mlflow_uri)  # the cheapest check first
@@ -189,7 +189,9 @@ def close(plan: SearchPlan, places: Places, connection: Connection, choice, arti
           trials: int, status: str, *, best: str | None, register: bool) -> None:
     """Write ``best.yaml`` and hand everything to the search's MLflow run (model registered when asked)."""
     from rayuda.hpo import report
-    from rayuda.tracking import client_for, ensure_experiment, finish_search, threshold_tables
+    from rayuda.hpo.tracking import ensure_experiment, finish_search
+    from rayuda.hpo.trial_summary import threshold_tables
+    from rayuda.runs import client_for
 
     metrics, tags, best_path = {}, {}, None
     if (places.work / DROPPED).is_file():  # data.bad_pairs=skip: which pairs every trial left out

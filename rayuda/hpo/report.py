@@ -29,7 +29,8 @@ def fmt(value) -> str:
 
 def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
     """One row per trial, best first: outcome, best selection score, test-part mIoU, stage cache, knobs."""
-    from rayuda.tracking import error_line, outcome, stage_lines
+    from rayuda.hpo.tracking import error_line, outcome
+    from rayuda.hpo.trial_summary import stage_lines
 
     rows = []
     for result in results:
@@ -91,7 +92,7 @@ class Choice:
 def choose(rows: list[dict[str, Any]], plan: SearchPlan, places: Places, confirmation: Confirmation | None,
            interrupted: bool) -> Choice | None:
     """The confirmed winner, or (no confirmation) the best trial by selection score; None when no trial scored."""
-    from rayuda.tracking import CHAMPION
+    from rayuda.hpo.registry import CHAMPION
 
     scored = scored_rows(rows)
     if not scored:

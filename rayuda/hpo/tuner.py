@@ -75,7 +75,7 @@ def run_search(plan: SearchPlan, places: Places, connection: Connection, resume:
     else:
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-        from rayuda.tracking import MlflowTracker
+        from rayuda.hpo.tracking import MlflowTracker
 
         searcher = StudySearcher(optuna_space(plan.space, plan.fixed), metric="score",
                                  sampler=make_sampler(plan.sampler, plan.base["seed"], plan.num_samples),

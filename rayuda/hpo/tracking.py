@@ -29,6 +29,8 @@ from typing import Any
 from ray import tune
 
 from rayuda.config import ConfigError, flatten
+from rayuda.hpo.registry import CHAMPION, dataset_input, log_dataset_inputs, log_winner_model
+from rayuda.hpo.trial_summary import pseudo_metrics, stage_lines, summary_dropped, summary_environment, threshold_tables
 from rayuda.runs import client_for
 
 OUTCOME_STATUS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
@@ -127,97 +129,13 @@ def driver_tags() -> dict[str, str]:
     return mlflow_tags(provenance())
 
 
-def summary_environment(summary_path: Path) -> dict[str, Any]:
-    """The machine and code facts a trial's ``summary.json`` recorded (``environment``: versions, git commit,
-    CPU/GPU, threads, deterministic)."""
-    if not Path(summary_path).is_file():
-        return {}
-
-    return json.loads(Path(summary_path).read_text()).get("environment", {})
-
-
-def summary_dropped(summary_path: Path) -> list[dict[str, str]]:
-    """The bad pairs (image, label, reason) a run's ``summary.json`` says ``data.bad_pairs=skip`` left out."""
-    if not Path(summary_path).is_file():
-        return []
-    return (json.loads(Path(summary_path).read_text()).get("bad_pairs") or {}).get("dropped", [])
-
-
-def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
-    """For every pseudo-label stage of a run that decided per-class thresholds (``per_class`` in its facts), a
-    CSV table and a bar chart of them in ``out_dir`` (``thresholds-<stage>.csv`` / ``.png``); returns the files.
-
-    Where the pass measured its pseudo-labels against the target's true labels (``truth_per_class``), each
-    row also has their ``precision`` and ``recall``, and classes with true pixels the labeller did not list
-    get a row of their own (class order)."""
-    import csv
-
-    if not Path(summary_path).is_file():
-        return []
-    files = []
-    for stage in json.loads(Path(summary_path).read_text())["stages"]:
-        per_class = stage.get("per_class")
-        if not per_class:
-            continue
-        truth = stage.get("truth_per_class") or {}
-        if truth:
-            per_class = {name: {**per_class.get(name, {}), **scores} for name, scores in truth.items()
-                         if name in per_class or scores["recall"] is not None}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        columns = sorted({k for row in per_class.values() for k in row})
-        table = out_dir / f"thresholds-{stage['stage']}.csv"
-        with open(table, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["class", *columns])
-            writer.writerows([name, *(row.get(c, "") for c in columns)] for name, row in per_class.items())
-        files += [table, _threshold_chart(stage["stage"], per_class, out_dir / f"thresholds-{stage['stage']}.png")]
-    return files
-
-
-def _threshold_chart(stage: str, per_class: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Bars of each class's threshold (and kept share, pseudo-label precision and recall, where recorded)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(per_class)
-    series = [k for k in ("threshold", "scaled_threshold", "kept_share", "precision", "recall")
-              if any(isinstance(per_class[n].get(k), int | float) for n in names)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
-    width = 0.8 / max(len(series), 1)
-    for i, key in enumerate(series):
-        values = [per_class[n].get(key) if isinstance(per_class[n].get(key), int | float) else 0 for n in names]
-        ax.bar([x + i * width for x in range(len(names))], values, width, label=key)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=45, ha="right")
-    ax.set_title(f"per-class thresholds of stage {stage}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def pseudo_metrics(summary_path: Path) -> list[tuple[str, float, int]]:
-    """``(metric, value, step)`` of the pseudo-label quality a run's passes measured against the target's true
-    labels (stage facts ``pseudo/precision``, ``pseudo/recall``, ``pseudo/rare_precision``,
-    ``pseudo/rare_recall``, see :func:`rayuda.engine.passes.truth_facts`); ``step`` is the stage's place in
-    the plan, so a plan with several passes keeps one history per metric. Empty when none was measured."""
-    if not Path(summary_path).is_file():
-        return []
-    stages = json.loads(Path(summary_path).read_text())["stages"]
-    return [(key, float(value), step) for step, stage in enumerate(stages) for key, value in stage.items()
-            if key.startswith("pseudo/") and isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value)]
-
-
-def stage_lines(summary_path: Path) -> dict[str, str]:
-    """``{stage: "hit 0.0 s"}`` from a trial's ``summary.json`` (empty if the trial wrote none)."""
-    if not Path(summary_path).is_file():
-        return {}
-
-    stages = json.loads(Path(summary_path).read_text())["stages"]
-    return {s["stage"]: f"{s['cache']} {s['seconds']:.1f} s" for s in stages}
+# -- from the search to use: the experiment's kind, the data a search ran on, the winner's model ------------------
+#: MLflow 3's experiment-kind tag: the UI opens a ``custom_model_development`` experiment on its runs table
+#: (without the tag it may guess GenAI and open on empty trace panels). The UI's own guesses (``*_inferred``,
+#: ``no_inferred_type``) are replaced; a kind a user chose is kept.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+_GUESSED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
 
 
 class MlflowTracker(tune.Callback):
@@ -413,111 +331,3 @@ def finish_search(uri: str, experiment: str, search_id: str, *, best_config: Pat
             print(f"winner's model → {model_uri} (python -m rayuda.predict {model_uri} --images DIR)", flush=True)
     client.set_terminated(run_id, status)
     return run_id
-
-
-# -- from the search to use: the experiment's kind, the data a search ran on, the winner's model ------------------
-#: MLflow 3's experiment-kind tag: the UI opens a ``custom_model_development`` experiment on its runs table
-#: (without the tag it may guess GenAI and open on empty trace panels). The UI's own guesses (``*_inferred``,
-#: ``no_inferred_type``) are replaced; a kind a user chose is kept.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-_GUESSED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
-#: (H, W) of the input example logged with a model (G is exported for any H, W).
-EXAMPLE_SIZE = (32, 64)
-#: The registered-model alias of the latest confirmed winner: ``models:/rayuda-METHOD@champion``.
-CHAMPION = "champion"
-
-
-def dataset_input(spec: str, role: str, protocol: int):
-    """``spec`` as an MLflow :class:`~mlflow.entities.DatasetInput` (context tag ``role``: source / target).
-
-    Name: the spec; source: ``{"uri": spec}``; profile: image and labelled-image counts and the full digest;
-    digest: SHA-256 (first 12 hex digits) of the sorted list of the dataset's image and label files as
-    ``relative path<TAB>size in bytes`` lines, so renamed, added, removed or resized files change it.
-    """
-    import hashlib
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from rayuda.data import open_dataset
-
-    dataset = open_dataset(spec, "train", role=role, protocol=protocol)
-    root = Path(dataset.root)
-    lines = sorted(f"{path.relative_to(root)}\t{path.stat().st_size}"
-                   for pair in dataset.files for path in pair if path is not None)
-    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    labelled = sum(label is not None for _, label in dataset.files)
-    profile = {"num_images": len(dataset.files), "num_labelled": labelled, "protocol": protocol, "sha256": digest}
-    entity = Dataset(name=spec, digest=digest[:12], source_type="local", source=json.dumps({"uri": spec}),
-                     profile=json.dumps(profile))
-    return DatasetInput(entity, tags=[InputTag("mlflow.data.context", role)])
-
-
-def log_dataset_inputs(client, run_id: str, source_spec: str, target_spec: str, protocol: int) -> list:
-    """Log the source and target datasets as dataset inputs of run ``run_id`` (see :func:`dataset_input`);
-    returns the logged inputs, to log on more runs with ``client.log_inputs(run_id, datasets=...)``."""
-    inputs = [dataset_input(source_spec, "source", protocol), dataset_input(target_spec, "target", protocol)]
-    client.log_inputs(run_id, datasets=inputs)
-    return inputs
-
-
-def log_winner_model(uri: str, run_id: str, run_dir: str | Path, register: bool = True, *,
-                     weights: str = "best", alias: str | None = None, description: str | None = None) -> str:
-    """Log G of the run or trial folder ``run_dir`` (its ``best_model.pt``; ``weights="final"``: ``model.pt``) as
-    the MLflow PyTorch model ``model`` of run ``run_id``, and with ``register`` as a new version of the registered
-    model ``rayuda-<method>`` (with ``description``; ``alias``, e.g. :data:`CHAMPION`, moved to it). Returns its
-    URI: ``models:/rayuda-<method>/<version>``, else ``models:/<model id>``.
-
-    Format (choice): MLflow's ``pt2`` export (``torch.export``) of G mapping an ImageNet-normalised N×3×H×W float32
-    batch (any N, H, W) to N×C×H×W logits: MLflow checks it is pickle-free before loading, so
-    ``mlflow.pytorch.load_model`` runs no unpickled code. Beside it, in ``extra_files/``, the resolved
-    ``config.yaml`` and G's plain ``state_dict.pt``: ``rayuda.predict`` rebuilds G from them with
-    ``torch.load(weights_only=True)``, on any device. The pickle format is never used (loading it unpickles
-    arbitrary objects).
-    """
-    import shutil
-    import tempfile
-
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    from rayuda.config import save_config
-    from rayuda.runs import MODEL_CONFIG, MODEL_STATE, LogitsModule, load_run, mlflow_uri
-
-    run = load_run(run_dir, weights)
-    method, names = run.config["method"], run.class_names
-    example = np.random.default_rng(0).standard_normal((2, 3, *EXAMPLE_SIZE)).astype(np.float32)
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names), -1, -1))]))
-    metadata = {"rayuda": {"method": method, "protocol": run.config["protocol"], "classes": names,
-                           "data_size": list(run.size) if run.size else None,
-                           "preprocessing": run.preprocessing,
-                           "input": "N×3×H×W float32; preprocessing imagenet: RGB scaled to [0, 1], ImageNet "
-                                    "mean/std normalised; caffe: BGR in 0–255 minus (104.008, 116.669, 122.675); "
-                                    "resize to data_size first when set, as in training"}}
-    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
-    with tempfile.TemporaryDirectory(prefix="rayuda-model-") as tmp, mlflow_uri(uri):
-        save_config(run.config, Path(tmp) / MODEL_CONFIG)
-        shutil.copyfile(run.weights, Path(tmp) / MODEL_STATE)
-        logged = client_for(uri).create_logged_model(  # in the run's experiment, not the active one
-            experiment_id, name="model", source_run_id=run_id,
-            tags={"rayuda.method": method, "rayuda.run_dir": str(run_dir), "rayuda.weights": Path(run.weights).name},
-            params={k: str(v)[:6000] for k, v in flatten(run.config).items()})
-        info = mlflow.pytorch.log_model(
-            LogitsModule(run.model).eval(), name="model", model_id=logged.model_id, run_id=run_id,
-            serialization_format="pt2", signature=signature, input_example=example, metadata=metadata,
-            extra_files=[str(Path(tmp) / MODEL_CONFIG), str(Path(tmp) / MODEL_STATE)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-            registered_model_name=f"rayuda-{method}" if register else None)
-    if register:
-        name, version = f"rayuda-{method}", str(info.registered_model_version)
-        client = client_for(uri)
-        if description:
-            client.update_model_version(name, version, description=description)
-        if alias:
-            client.set_registered_model_alias(name, alias, version)
-        return f"models:/{name}/{version}"
-    return info.model_uri
