@@ -5,7 +5,7 @@ softmax at the image's own size and hands it to a :class:`PseudoLabeller` — fi
 (statistics over the whole set: rankings, class-wise thresholds), then to :meth:`label` (the train-id
 label written as PNG, or ``None`` for an image left unlabelled). What the labeller decided is saved as
 JSON beside the labels, and its named image subsets (e.g. IntraDA's easy/hard split) are what later
-stages train on (``Stage(source="rank:easy")``).
+stages train on (``Stage(labelled="rank:easy")``).
 
 Each labeller lives beside the method that uses it: ``EntropyRanking`` in ``rayuda.methods.intrada``,
 ``CrossRegionSplit`` in ``rayuda.methods.cra``, ``CategoryAdaptiveThresholds`` in ``rayuda.methods.cada.labeller``,

@@ -67,7 +67,7 @@ def test_channels_last_context_trains_on_cpu_with_the_contiguous_losses():
     cfg = default_config("advent")
     from rayuda.models import build_segmenter
 
-    data = StageData(source=None, target=None, holdout=None, class_names=["a", "b", "c"])
+    data = StageData(labelled=None, unlabelled=None, holdout=None, class_names=["a", "b", "c"])
     batch = {"image": torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1)),
              "label": torch.randint(0, 3, (1, 64, 96), generator=torch.Generator().manual_seed(2))}
     results = {}

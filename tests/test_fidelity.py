@@ -119,7 +119,7 @@ class _RecordLr(Method, register=False):
     def __init__(self):
         self.rates = []
 
-    def train_step(self, ctx, source, target):
+    def train_step(self, ctx, labelled, unlabelled):
         self.rates.append(ctx.opt_g.param_groups[0]["lr"])
         return {}
 
@@ -130,7 +130,7 @@ def test_poly_schedule_decays_over_decay_iters(decay, tmp_path):
                                          "stages.source_only.decay_iters": decay, "data.batch_size": 1})
     method = _RecordLr()
     train_stage(label="source_only", config=cfg, params={}, method=method, model=_Stub(),
-                data=StageData(source=_Tiny(), target=None, holdout=None, class_names=["a", "b"]),
+                data=StageData(labelled=_Tiny(), unlabelled=None, holdout=None, class_names=["a", "b"]),
                 work_dir=tmp_path, runtime=Runtime(device=torch.device("cpu"), log_every=100, checkpoint_every=100))
     length = decay or 4
     assert method.rates == pytest.approx([(1 - i / length) ** 0.9 for i in range(4)])

@@ -16,7 +16,7 @@ from rayuda.config import ConfigError
 from rayuda.data import Transform, open_dataset
 from rayuda.engine import run_pipeline
 from rayuda.engine.passes import pseudo_label_pass
-from rayuda.engine.plan import StageConfigError, check_plan, stage_keys, stage_slice
+from rayuda.engine.plan import ConfigSlice, StageConfigError, check_plan, stage_key, stage_keys, stage_slice
 from rayuda.methods import METHODS, plan_of, register_plugins, resolve_config
 from rayuda.methods.advent import AdvEnt
 from rayuda.methods.base import Stage, source_only_stage
@@ -89,9 +89,9 @@ def test_a_config_key_read_outside_the_stage_slice_raises(tmp_path, monkeypatch)
     class Sneaky(AdvEnt, register=False):
         name = "sneaky"
 
-        def train_step(self, ctx, source, target):
+        def train_step(self, ctx, labelled, unlabelled):
             ctx.config["train"]["device"]  # not in the slice: the cache key would not cover it
-            return super().train_step(ctx, source, target)
+            return super().train_step(ctx, labelled, unlabelled)
 
     monkeypatch.setitem(METHODS, "sneaky", Sneaky)
     with pytest.raises(StageConfigError, match=r"stage 'sneaky' read config key train\.'device'"):
@@ -103,9 +103,25 @@ def test_a_config_key_read_outside_the_stage_slice_raises(tmp_path, monkeypatch)
         stage_slice(cfg, rank)["params"]["intra"]
 
 
+def test_stage_keys_stay_those_of_the_stages_users_have_cached():
+    """Guards the stage cache: these keys were computed by rayuda before Stage's data slots were renamed
+    (``source``/``target`` → ``labelled``/``unlabelled``) and before the losses and labellers moved beside their
+    methods. If one changes, every stage cached until then is recomputed: bump a version on purpose instead."""
+    cfg = resolve_config("intrada")
+    plan = plan_of(cfg)
+    upstream = None
+    for stage in plan:  # source_only → inter → rank → intra, the default config
+        upstream = stage_key(stage, stage_slice(cfg, stage), upstream)
+    assert upstream == "d969d0a91084d842"
+    intra, cra = plan[3], plan_of(resolve_config("cra"))[3]  # two slots set; the unlabelled one None
+    assert stage_key(intra, ConfigSlice({"params": {"w_adv": 0.001}}, "intra"), "0123456789abcdef") == \
+        "679a33cbba09c198"
+    assert stage_key(cra, ConfigSlice({"params": {"w_adv": 1.0}}, "cra"), "0123456789abcdef") == "05ce7a1dea3f40b5"
+
+
 def test_plans_are_checked_before_any_compute():
     cfg = resolve_config("intrada")
-    bad = [source_only_stage(), Stage("intra", step=AdvEnt, source="rank:easy", reported=True)]
+    bad = [source_only_stage(), Stage("intra", step=AdvEnt, labelled="rank:easy", reported=True)]
     with pytest.raises(ConfigError, match="earlier pseudo_labels stage 'rank'"):
         check_plan(bad, cfg)
     with pytest.raises(ConfigError, match="no schedule stages.round9"):

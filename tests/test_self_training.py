@@ -353,7 +353,7 @@ def test_cra_plan_runs_after_the_chosen_cross_domain_method():
     assert [(s.name, s.kind) for s in plan] == [("source_only", "train"), ("cda", "train"),
                                                 ("regions", "pseudo_labels"), ("cra", "train")]
     assert plan[1].step is FGDEM and plan[1].params == "params.cda_params.fgdem"
-    assert plan[3].source == "regions:all" and plan[3].reported
+    assert plan[3].labelled == "regions:all" and plan[3].reported
     with pytest.raises(ConfigError, match="params.cda"):
         plan_of(resolve_config("cra", {"params.cda": "minent"}))
 

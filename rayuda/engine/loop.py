@@ -56,8 +56,8 @@ class Runtime:
 
 @dataclass
 class StageData:
-    source: torch.utils.data.Dataset
-    target: torch.utils.data.Dataset | None
+    labelled: torch.utils.data.Dataset  # the two data slots of the stage (Stage.labelled / .unlabelled)
+    unlabelled: torch.utils.data.Dataset | None
     holdout: torch.utils.data.Dataset | None  # None: the stage is not evaluated
     class_names: list[str]
     frozen: dict[str, nn.Module] = field(default_factory=dict)
@@ -267,11 +267,11 @@ class StageTraining:
         start = self.resume()
         seed, iters, runtime, device = int(self.config["seed"]), self.iters, self.runtime, self.device
         batch_size, workers, pin = self.config["data"]["batch_size"], runtime.num_workers, device.type == "cuda"
-        sources = batch_stream(self.data.source, batch_size, seed=seed, start=start, stop=iters,
-                               num_workers=workers, pin_memory=pin)
-        targets = (batch_stream(self.data.target, batch_size, seed=seed + 1, start=start, stop=iters,
-                                num_workers=workers, pin_memory=pin)
-                   if self.data.target is not None else None)
+        labelled_batches = batch_stream(self.data.labelled, batch_size, seed=seed, start=start, stop=iters,
+                                        num_workers=workers, pin_memory=pin)
+        unlabelled_batches = (batch_stream(self.data.unlabelled, batch_size, seed=seed + 1, start=start, stop=iters,
+                                           num_workers=workers, pin_memory=pin)
+                              if self.data.unlabelled is not None else None)
         metrics: dict[str, Any] = {}
         if self.evaluated and iters == 0 and start == 0:
             metrics = self.evaluate_and_report(0, {})  # a zero-length reported stage still reports its start model
@@ -280,9 +280,9 @@ class StageTraining:
         for i in range(start, iters):
             self.ctx.iteration = i
             self.set_rates(i)
-            source = _move(next(sources), device)
-            target = _move(next(targets), device) if targets is not None else None
-            losses = self.method.train_step(self.ctx, source, target)
+            labelled = _move(next(labelled_batches), device)
+            unlabelled = _move(next(unlabelled_batches), device) if unlabelled_batches is not None else None
+            losses = self.method.train_step(self.ctx, labelled, unlabelled)
             if self.average is not None:
                 self.average.update_parameters(self.model)
             self.pending.append((i + 1, {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}))

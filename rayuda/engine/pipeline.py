@@ -193,8 +193,8 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
     init = {"upstream": run.last_train, "model.init": None}.get(stage.init, stage.init)
     model = _load_model(run, cfg, init)
     frozen = {"teacher": _load_model(run, cfg, stage.teacher)} if stage.teacher else {}
-    data = StageData(source=_train_set(run, cfg, stage.source, _train_transform(cfg, stage.source)),
-                     target=_train_set(run, cfg, stage.target, _train_transform(cfg, stage.target)),
+    data = StageData(labelled=_train_set(run, cfg, stage.labelled, _train_transform(cfg, stage.labelled)),
+                     unlabelled=_train_set(run, cfg, stage.unlabelled, _train_transform(cfg, stage.unlabelled)),
                      holdout=holdout_parts(cfg, run.skip)[0] if stage.reported else None,
                      class_names=run.class_names, frozen=frozen,
                      probe=open_probe(cfg, _eval_transform(cfg), run.skip) if stage.reported else None)

@@ -76,9 +76,9 @@ def stage_keys(stage: Stage) -> list[str]:
         keys = list(PASS_KEYS)
     else:
         keys = [*TRAIN_KEYS, f"stages.{stage.name}"]
-        if "source" in (stage.source, stage.target):
+        if "source" in (stage.labelled, stage.unlabelled):
             keys.append("source")
-        if stage.target is not None or ":" in (stage.source or ""):
+        if stage.unlabelled is not None or ":" in (stage.labelled or ""):
             keys.append("target")
         if stage.step.has_discriminators:
             keys += ADVERSARIAL_KEYS
@@ -107,10 +107,14 @@ def stage_slice(cfg: dict[str, Any], stage: Stage) -> ConfigSlice:
 
 
 def stage_identity(stage: Stage) -> dict[str, Any]:
-    """Everything about a stage's definition that determines its output (beside its config slice)."""
+    """Everything about a stage's definition that determines its output (beside its config slice).
+
+    The code is named by its ``name`` (not its module), and the data slots by the names they had when the first
+    stages were cached, ``source`` (:attr:`Stage.labelled`) and ``target`` (:attr:`Stage.unlabelled`): stages
+    cached before the slots were renamed keep their keys (``tests/test_plan.py`` pins one)."""
     code = stage.step or stage.labeller
     return {"engine": ENGINE_VERSION, "name": stage.name, "kind": stage.kind, "code": code.name,
-            "version": code.version, "source": stage.source, "target": stage.target, "init": stage.init,
+            "version": code.version, "source": stage.labelled, "target": stage.unlabelled, "init": stage.init,
             "teacher": stage.teacher, "reported": stage.reported}
 
 
@@ -164,7 +168,7 @@ def _check_train_stage(stage: Stage, cfg: dict[str, Any], seen: dict[str, Stage]
     if decay is not None and (type(decay) is not int or decay < schedule["iters"]):
         raise ConfigError(f"stages.{stage.name}.decay_iters must be null or an int ≥ stages.{stage.name}.iters "
                           f"({schedule['iters']}), got {decay!r}")
-    for role in (stage.source, stage.target):
+    for role in (stage.labelled, stage.unlabelled):
         if role and ":" in role:
             ref, _, _ = role.partition(":")
             if seen.get(ref) is None or seen[ref].kind != "pseudo_labels":

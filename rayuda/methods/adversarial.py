@@ -63,15 +63,15 @@ class OutputSpaceAdversarial(Method, register=False):
             for lvl in self.adversarial_levels(ctx)
         )
 
-    def train_step(self, ctx, source, target):
-        size = image_size(target)  # each domain's maps stay at its own size (ADVENT; data.<role>.size)
+    def train_step(self, ctx, labelled, unlabelled):
+        size = image_size(unlabelled)  # each domain's maps stay at its own size (ADVENT; data.<role>.size)
         with ctx.generator_update():  # G: L_seg + w_adv·L_adv, every D fixed
-            out_s = ctx.forward(source["image"])
-            loss_seg = ctx.seg_loss(out_s, source["label"])
+            out_s = ctx.forward(labelled["image"])
+            loss_seg = ctx.seg_loss(out_s, labelled["label"])
             ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
-            maps_s = self.detached_maps(ctx, out_s, image_size(source))  # D's source input, at the source's size
+            maps_s = self.detached_maps(ctx, out_s, image_size(labelled))  # D's source input, at the source's size
             del out_s
-            out_t = ctx.forward(target["image"])
+            out_t = ctx.forward(unlabelled["image"])
             maps_t = self.domain_maps(ctx, out_t, size)
             loss_adv = self.generator_loss(ctx, maps_t)
             ctx.backward(ctx.params["w_adv"] * loss_adv)

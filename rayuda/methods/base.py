@@ -35,9 +35,14 @@ class Stage:
         step: the :class:`Method` whose ``train_step`` trains the stage (train stages).
         labeller: the :class:`rayuda.pseudo.PseudoLabeller` of a pseudo-label stage.
         params: dotted config path of the knobs the stage reads as ``ctx.params`` (``None``: no knobs).
-        source, target: what the stage trains on: ``"source"`` / ``"target"`` (the configured train
-            sets), ``"STAGE:SUBSET"`` (target-train images of a pseudo-label stage's subset, labelled with
-            its PNGs), or ``None`` (no second domain).
+        labelled, unlabelled: what the stage trains on, the two batches of ``train_step``: ``"source"`` /
+            ``"target"`` (the configured train sets), ``"STAGE:SUBSET"`` (target-train images of a pseudo-label
+            stage's subset, labelled with its PNGs), or ``None`` (no second batch). ``labelled`` is trained on
+            with its labels (the source's ground truth, or a pass's pseudo-labels: CRA and PixIntraDA train on
+            target images alone, IntraDA's easy split stands in for the source); ``unlabelled`` brings no ground
+            truth (the target, IntraDA's hard split, or CADA's pseudo-labelled target images in its rounds).
+            In the stage's cache key they keep their former names, ``source`` / ``target``
+            (:func:`rayuda.engine.plan.stage_identity`).
         init: where G's weights start: ``"upstream"`` (the previous train stage's final model, or
             ``model.init`` for the first), ``"model.init"``, or the name of an earlier train stage.
         teacher: an earlier train stage whose final model the stage holds frozen as ``ctx.frozen["teacher"]``.
@@ -50,8 +55,8 @@ class Stage:
     step: type[Method] | None = None
     labeller: type | None = None
     params: str | None = "params"
-    source: str | None = "source"
-    target: str | None = "target"
+    labelled: str | None = "source"
+    unlabelled: str | None = "target"
     init: str = "upstream"
     teacher: str | None = None
     reported: bool = False
@@ -104,8 +109,9 @@ class Method:
         """Called once per stage on the real context, before the optimisers are built: add discriminators
         (``ctx.discriminators[name] = ...``) or frozen modules. Nothing by default."""
 
-    def train_step(self, ctx: TrainContext, source: dict, target: dict | None) -> dict[str, Any]:
-        """One iteration: update the networks, return the losses to log (tensors or floats)."""
+    def train_step(self, ctx: TrainContext, labelled: dict, unlabelled: dict | None) -> dict[str, Any]:
+        """One iteration on a batch of the stage's ``labelled`` data and one of its ``unlabelled`` data (``None``
+        when the stage has none): update the networks, return the losses to log (tensors or floats)."""
         raise NotImplementedError(f"{type(self).__name__} trains no stage itself; it declares a plan")
 
     def state_dict(self) -> dict[str, Any]:
@@ -135,11 +141,11 @@ class SourceOnly(Method):
 
     @classmethod
     def plan(cls, params):
-        return [Stage("source_only", step=cls, params=None, target=None, reported=True)]
+        return [Stage("source_only", step=cls, params=None, unlabelled=None, reported=True)]
 
-    def train_step(self, ctx, source, target):
-        output = ctx.forward(source["image"])
-        loss_seg = ctx.seg_loss(output, source["label"])
+    def train_step(self, ctx, labelled, unlabelled):
+        output = ctx.forward(labelled["image"])
+        loss_seg = ctx.seg_loss(output, labelled["label"])
         ctx.step_generator(loss_seg)
         return {"seg": loss_seg.detach()}
 
@@ -147,4 +153,4 @@ class SourceOnly(Method):
 def source_only_stage() -> Stage:
     """The source-only stage every plan starts from; its key does not depend on the method, so all methods
     (and all trials of a search) share it."""
-    return Stage("source_only", step=SourceOnly, params=None, target=None)
+    return Stage("source_only", step=SourceOnly, params=None, unlabelled=None)

@@ -213,7 +213,7 @@ class CRA(Method):
             source_only_stage(),
             Stage("cda", step=cda_method(cda), params=f"params.cda_params.{cda}"),
             Stage("regions", kind="pseudo_labels", labeller=CrossRegionSplit, params="params.regions"),
-            Stage("cra", step=cls, params="params.cra", source="regions:all", target=None, reported=True),
+            Stage("cra", step=cls, params="params.cra", labelled="regions:all", unlabelled=None, reported=True),
         ]
 
     def setup(self, ctx):
@@ -221,11 +221,11 @@ class CRA(Method):
             channels = ctx.feature_channels[max(ctx.feature_channels)]
             ctx.discriminators["region"] = FineGrainedDiscriminator(channels, ctx.num_classes)
 
-    def train_step(self, ctx, source, target):
-        """``source``: target-train images with the regions pass's labels (255 = untrusted)."""
+    def train_step(self, ctx, labelled, unlabelled):
+        """``labelled``: target-train images with the regions pass's labels (255 = untrusted)."""
         p = ctx.params
-        out = ctx.forward(source["image"])
-        label = source["label"]
+        out = ctx.forward(labelled["image"])
+        label = labelled["label"]
         loss_seg = ctx.seg_loss(out, label)  # eq. 5: CE on trusted pixels only
         if not p["adversarial"]:
             ctx.step_generator(loss_seg)
@@ -234,10 +234,10 @@ class CRA(Method):
         two_steps = p["g_steps"] == 2
         if two_steps:
             ctx.step_generator(loss_seg)  # step 1: G on eq. 5
-            out = ctx.forward(source["image"])  # steps 2–3 read the updated G
+            out = ctx.forward(labelled["image"])  # steps 2–3 read the updated G
         disc = ctx.discriminators["region"]
         trusted = label != 255
-        logits = ctx.logits(out, "main", image_size(source)).float()
+        logits = ctx.logits(out, "main", image_size(labelled)).float()
         encoding = region_encoding(logits, trusted, p["temperature"], p["clamp"])  # eq. 6: [a·m; a·(1−m)]
         feat = deepest_features(out)
         untrusted = ~trusted if p["adv_normalise"] == "untrusted" else None

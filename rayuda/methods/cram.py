@@ -141,22 +141,22 @@ class CRAM(OutputSpaceAdversarial):
             maps = confidence_aware_entropy(prob, per_class=True)
         return maps.sum(1, keepdim=True) if ctx.params["ce_channels"] == "summed" else maps
 
-    def train_step(self, ctx, source, target):
+    def train_step(self, ctx, labelled, unlabelled):
         p = ctx.params
-        size = image_size(target)
+        size = image_size(unlabelled)
         weights = style_layer_weights(p["style_layers"], p["style_weight"]) if p["sfa"] else {}
         with ctx.generator_update():  # Algorithm 1, steps 6–8: G on L_seg + w_adv·L_adv + λ·L_sty, D fixed
-            out_s = ctx.forward(source["image"])
-            loss_seg = ctx.seg_loss(out_s, source["label"])
+            out_s = ctx.forward(labelled["image"])
+            loss_seg = ctx.seg_loss(out_s, labelled["label"])
             losses = {"seg": loss_seg.detach()}
             pending = loss_seg
             if not weights:  # without L_sty (which couples both domains' features) the source graph is freed
                 ctx.backward(loss_seg)  # before the target forward (ADVENT's order)
                 pending = None
             feats_s = {k: out_s.features[k].float() for k in weights}
-            maps_s = self.detached_maps(ctx, out_s, image_size(source)) if p["cea"] else None  # its own size
+            maps_s = self.detached_maps(ctx, out_s, image_size(labelled)) if p["cea"] else None  # its own size
             del out_s
-            out_t = ctx.forward(target["image"])
+            out_t = ctx.forward(unlabelled["image"])
 
             if p["cea"]:
                 maps_t = self.domain_maps(ctx, out_t, size)

@@ -95,18 +95,19 @@ class FGDEM(Method):
             channels = ctx.feature_channels[layers[LEVEL_DEPTH[lvl]]]
             ctx.discriminators[LEVEL_DISCRIMINATOR[lvl]] = FineGrainedDiscriminator(channels, ctx.num_classes)
 
-    def train_step(self, ctx, source, target):
+    def train_step(self, ctx, labelled, unlabelled):
         p = ctx.params
         disc = {lvl: ctx.discriminators[LEVEL_DISCRIMINATOR[lvl]] for lvl in ctx.levels}
         # G: segmentation + λ_adv (fool D on target + λ_ent · target entropy)   (eq. 7–8), per level
         with ctx.generator_update():
-            out_s = ctx.forward(source["image"])
-            loss_seg = ctx.seg_loss(out_s, source["label"])
+            out_s = ctx.forward(labelled["image"])
+            loss_seg = ctx.seg_loss(out_s, labelled["label"])
             ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
             feat_s = {lvl: level_features(out_s, lvl).detach() for lvl in ctx.levels}
             z_s = {lvl: out_s.logits[lvl].detach().float() for lvl in ctx.levels}
             del out_s
-            out_t = ctx.forward(target["image"])
+            out_t = ctx.forward(unlabelled["image"])
+            size = image_size(unlabelled)
             feat_t = {lvl: level_features(out_t, lvl) for lvl in ctx.levels}
             z_t = {lvl: out_t.logits[lvl].float() for lvl in ctx.levels}
             loss_adv = loss_ent = 0.0
@@ -114,7 +115,7 @@ class FGDEM(Method):
                 target_as_source = domain_encoding(z_t[lvl], p["temperature"], p["clamp"], domain="source")
                 loss_adv = loss_adv + ADV_LEVEL_WEIGHT[lvl] * fine_grained_adv_loss(disc[lvl](feat_t[lvl]),
                                                                                     target_as_source)
-                loss_ent = loss_ent + ADV_LEVEL_WEIGHT[lvl] * entropy_loss(ctx.probs(out_t, lvl, image_size(target)))
+                loss_ent = loss_ent + ADV_LEVEL_WEIGHT[lvl] * entropy_loss(ctx.probs(out_t, lvl, size))
             ctx.backward(p["lambda_adv"] * (loss_adv + p["lambda_ent"] * loss_ent))
 
         # D: source features → [a_S; 0], target features → [0; a_T]

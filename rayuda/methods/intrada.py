@@ -92,6 +92,6 @@ class IntraDA(Method):
             source_only_stage(),
             Stage("inter", step=AdvEnt, params="params.inter"),
             Stage("rank", kind="pseudo_labels", labeller=EntropyRanking, params="params.rank"),
-            Stage("intra", step=AdvEnt, params="params.intra", source="rank:easy", target="rank:hard",
+            Stage("intra", step=AdvEnt, params="params.intra", labelled="rank:easy", unlabelled="rank:hard",
                   reported=True),
         ]

@@ -100,18 +100,18 @@ class CADAAdapt(OutputSpaceAdversarial, register=False):
             out[layer] = ctx.discriminators[STYLE_PREFIX + layer](style.detach() if detach else style)
         return out
 
-    def train_step(self, ctx, source, target):
+    def train_step(self, ctx, labelled, unlabelled):
         p = ctx.params
         weights = style_weights(p)
-        size = image_size(target)
+        size = image_size(unlabelled)
         losses, loss_d = {}, 0.0
         with ctx.generator_update():
-            out_s = ctx.forward(source["image"])
-            loss_seg = ctx.seg_loss(out_s, source["label"])
+            out_s = ctx.forward(labelled["image"])
+            loss_seg = ctx.seg_loss(out_s, labelled["label"])
             ctx.backward(loss_seg)  # the source graph is freed before the target forward (ADVENT's order)
             losses["seg"] = loss_seg.detach()
-            maps_s = self.detached_maps(ctx, out_s, image_size(source)) if p["output_adv"] else None  # own size
-            out_t = ctx.forward(target["image"])
+            maps_s = self.detached_maps(ctx, out_s, image_size(labelled)) if p["output_adv"] else None  # own size
+            out_t = ctx.forward(unlabelled["image"])
             loss_g = None
             if p["output_adv"]:  # L_adv_seg: target softmax maps should look like source ones
                 maps_t = self.domain_maps(ctx, out_t, size)
@@ -158,18 +158,18 @@ class CADASelfTraining(Method, register=False):
         "normalise": "all",  # eq. 6 divides by H·W ("all"); "kept": by the kept pixels (choice)
     }
 
-    def train_step(self, ctx, source, target):
+    def train_step(self, ctx, labelled, unlabelled):
         p = ctx.params
         with ctx.generator_update():
-            out_t = ctx.forward(target["image"])
-            size = target["label"].shape[-2:]  # logits upsampled by ctx.logits (model.align_corners)
+            out_t = ctx.forward(unlabelled["image"])
+            size = unlabelled["label"].shape[-2:]  # logits upsampled by ctx.logits (model.align_corners)
             loss_ssl = sum(SEG_LEVEL_WEIGHT[lvl] * self_training_cross_entropy(
-                ctx.logits(out_t, lvl, size), target["label"], p["normalise"]) for lvl in ctx.levels)
+                ctx.logits(out_t, lvl, size), unlabelled["label"], p["normalise"]) for lvl in ctx.levels)
             ctx.backward(p["w_ssl"] * loss_ssl)  # the target graph is freed before the source forward
             del out_t
-            losses = {"ssl": loss_ssl.detach(), "kept": (target["label"] != 255).float().mean()}
+            losses = {"ssl": loss_ssl.detach(), "kept": (unlabelled["label"] != 255).float().mean()}
             if p["w_source"] > 0:
-                loss_seg = ctx.seg_loss(ctx.forward(source["image"]), source["label"])
+                loss_seg = ctx.seg_loss(ctx.forward(labelled["image"]), labelled["label"])
                 ctx.backward(p["w_source"] * loss_seg)
                 losses["seg"] = loss_seg.detach()
         return losses
@@ -207,7 +207,7 @@ class CADA(Method):
             stages += [
                 Stage(f"thresholds{k}", kind="pseudo_labels", labeller=CategoryAdaptiveThresholds,
                       params="params.thresholds"),
-                Stage(f"round{k}", step=CADASelfTraining, params="params.ssl", source="source",
-                      target=f"thresholds{k}:all", reported=True),
+                Stage(f"round{k}", step=CADASelfTraining, params="params.ssl", labelled="source",
+                      unlabelled=f"thresholds{k}:all", reported=True),
             ]
         return stages

@@ -86,13 +86,13 @@ class PixIntraDA(Method):
             source_only_stage(),
             Stage("inter", step=INTER_METHODS[params["inter_method"]], params="params.inter"),
             Stage("split", kind="pseudo_labels", labeller=ClassThresholdSplit, params="params.split"),
-            Stage("intra", step=cls, params="params.intra", source="split:all", target=None, teacher="inter",
+            Stage("intra", step=cls, params="params.intra", labelled="split:all", unlabelled=None, teacher="inter",
                   reported=True),
         ]
         if params["rounds"] == 2:
             stages += [
                 Stage("split2", kind="pseudo_labels", labeller=ClassThresholdSplit, params="params.round2.split"),
-                Stage("intra2", step=cls, params="params.round2.intra", source="split2:all", target=None,
+                Stage("intra2", step=cls, params="params.round2.intra", labelled="split2:all", unlabelled=None,
                       teacher="intra", reported=True),
             ]
         return stages
@@ -102,13 +102,13 @@ class PixIntraDA(Method):
             for lvl in ctx.levels:
                 ctx.discriminators[lvl] = PixelDiscriminator(ctx.num_classes)
 
-    def train_step(self, ctx, source, target):
-        """``source``: target-train images with the split pass's labels (255 = hard)."""
+    def train_step(self, ctx, labelled, unlabelled):
+        """``labelled``: target-train images with the split pass's labels (255 = hard)."""
         p = ctx.params
         form, kld = p["adversarial"], p.get("kld", 0.0)  # round 1 has no kld knob
-        out = ctx.forward(source["image"])
-        size = image_size(source)
-        label = source["label"]
+        out = ctx.forward(labelled["image"])
+        size = image_size(labelled)
+        label = labelled["label"]
         hard = (label == IGNORE).float().unsqueeze(1)  # M, N×1×H×W
         probs = {lvl: ctx.probs(out, lvl, size).float() for lvl in ctx.levels}
         loss_seg = ctx.seg_loss(out, label)  # eq. 5: partial CE on easy pixels
@@ -124,7 +124,7 @@ class PixIntraDA(Method):
         disc = ctx.discriminators
         if form == "continuous":
             with torch.no_grad():
-                teacher = ctx.frozen["teacher"](source["image"])
+                teacher = ctx.frozen["teacher"](labelled["image"])
                 z = continuous_index(ctx.probs(teacher, "main", size).float(), hard)  # eq. 7
             g_loss, d_loss = (lambda d: cts_g_loss(d, hard)), (lambda d: cts_d_loss(d, z))  # eq. 8
         else:
