@@ -37,10 +37,11 @@ class Stage:
         params: dotted config path of the knobs the stage reads as ``ctx.params`` (``None``: no knobs).
         labelled, unlabelled: what the stage trains on, the two batches of ``train_step``: ``"source"`` /
             ``"target"`` (the configured train sets), ``"STAGE:SUBSET"`` (target-train images of a pseudo-label
-            stage's subset, labelled with its PNGs), or ``None`` (no second batch). ``labelled`` is trained on
-            with its labels (the source's ground truth, or a pass's pseudo-labels: CRA and PixIntraDA train on
-            target images alone, IntraDA's easy split stands in for the source); ``unlabelled`` brings no ground
-            truth (the target, IntraDA's hard split, or CADA's pseudo-labelled target images in its rounds).
+            stage's subset, labelled with its PNGs), or ``None`` (``train_step`` gets ``None``). ``labelled`` is
+            trained on with its labels (the source's ground truth, or a pass's pseudo-labels: CRA and PixIntraDA
+            train on target images alone, IntraDA's easy split stands in for the source); ``unlabelled`` is the
+            other batch, whose ground truth is never read (the target, IntraDA's hard split; in CADA's rounds
+            the target images with the pass's pseudo-labels).
             In the stage's cache key they keep their former names, ``source`` / ``target``
             (:func:`rayuda.engine.plan.stage_identity`).
         init: where G's weights start: ``"upstream"`` (the previous train stage's final model, or
