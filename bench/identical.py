@@ -4,6 +4,10 @@ of the final weights (every stage's ``model.pt`` of the run, in plan order) and 
 Run it on two checkouts and compare the tables (docs/BENCHMARKS.md §20)::
 
     OMP_NUM_THREADS=1 RAYUDA_CACHE=/tmp/cache-a PYTHONPATH=/path/to/checkout python bench/identical.py
+    RAYUDA_CACHE=/tmp/empty-a PYTHONPATH=/path/to/checkout python bench/identical.py --datasets
+
+``--datasets`` generates minicity and ``minicity:suburb`` (into an empty ``$RAYUDA_CACHE``, so the checkout's own
+generator writes them) and prints a sha256 over every file's relative path and bytes instead.
 """
 
 from __future__ import annotations
@@ -50,11 +54,34 @@ def weights_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def tree_hash(root: Path) -> tuple[int, str]:
+    """(files, sha256) over every file under ``root`` (hidden lock files left out): relative path, NUL, bytes."""
+    digest, count = hashlib.sha256(), 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes())
+        count += 1
+    return count, digest.hexdigest()
+
+
+def dataset_table() -> None:
+    from rayuda.data.minicity import ensure_minicity
+
+    print("| dataset | folder | files | sha256 |\n|---|---|---|---|")
+    for spec, variant in (("minicity", None), ("minicity:suburb", "suburb")):
+        root = ensure_minicity(variant=variant)
+        print(f"| `{spec}` | `{root.name}` | {{:,}} | `{{}}` |".format(*tree_hash(root)), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
+    parser.add_argument("--datasets", action="store_true", help="hash the generated datasets instead of training")
     args = parser.parse_args(argv)
+    if args.datasets:
+        dataset_table()
+        return 0
     torch.manual_seed(0)
     print("| method | stages | final weights (sha256, 16 hex) | mIoU (selection) | test mIoU |")
     print("|---|---|---|---|---|")
