@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from test_tune import TINY
+from searches import TINY
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(not (BIN / "ray").exists() or not (BIN / "mlflow").exists(),

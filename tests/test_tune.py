@@ -4,39 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
-from mlflow_store import fresh_store
+from searches import runs_of, tune_cmd, unlabelled_folder
 
 from rayuda.hpo.searcher import JOURNAL, load_search_study
 from rayuda.hpo.space import load_space
 from rayuda.runs import client_for
-
-TINY = ["--set", "data.size=[32,64]", "--set", "data.batch_size=2", "--set", "data.holdout=4",
-        "--set", "stages.source_only.iters=4", "--set", "train.log_every=2", "--set", "train.num_masks=2"]
-
-
-def tune_cmd(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rayuda.tune", "advent", "--storage", str(tmp_path / "store"), "--name", "s",
-            "--mlflow-uri", fresh_store(tmp_path / "mlflow.db"), "--best", str(tmp_path / "best.yaml"),
-            *TINY, *extra]
-
-
-def runs_of(tmp_path: Path, experiment: str = "rayuda-advent"):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    all_runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in all_runs if r.data.tags.get("rayuda.role") == "search"]
-    children = [r for r in all_runs if r.data.tags.get("rayuda.role") == "trial"]
-    return client, parents, children
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +148,6 @@ def test_interrupted_search_resumes_with_every_trial_once(tmp_path):
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
 
 
-def unlabelled_folder(root: Path, count: int = 6) -> Path:
-    """A user's new target with images only: real PNGs copied from minicity's target rendering."""
-    from rayuda.data.minicity import ensure_minicity
-
-    images = sorted((ensure_minicity() / "target" / "leftImg8bit" / "train").rglob("*.png"))[:count]
-    (root / "images").mkdir(parents=True)
-    for path in images:
-        shutil.copy(path, root / "images" / path.name)
-    return root
-
-
 def test_label_free_search_on_an_unlabelled_folder_target(tmp_path):
     target = unlabelled_folder(tmp_path / "mycity")
     base = tune_cmd(tmp_path)
@@ -203,79 +172,6 @@ def test_label_free_search_on_an_unlabelled_folder_target(tmp_path):
     assert list((tmp_path / "store" / "s" / "work" / "trials").glob("*/probe/eval_*.npz"))
 
 
-def test_two_reported_stages_under_asha_share_one_step_axis(tmp_path):
-    """A real search of a two-round method: trials reach round 2, Optuna holds round 2's values, ASHA's
-    max_t covers both rounds, and round 1 (its knobs fixed) is computed once for all trials."""
-    space = tmp_path / "two_rounds.yaml"
-    space.write_text("method: two_rounds\nknobs:\n"
-                     "  params.round2.w_adv: {type: float, low: 1.0e-4, high: 1.0e-2, log: true, default: 1.0e-3}\n")
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "RAYUDA_METHODS": "tests.two_rounds_method", "RAY_DEDUP_LOGS": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "rayuda.tune", "two_rounds", "--space", str(space),
-           "--storage", str(tmp_path / "store"), "--name", "s", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--best", str(tmp_path / "best.yaml"),
-           *TINY, "--set", "stages.round1.iters=2", "--set", "stages.round2.iters=2", "--num-samples", "3",
-           "--grace", "2", "--max-concurrent", "1", "--no-confirm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "3 trials × 4 iterations" in proc.stdout  # max_t = round 1 + round 2
-    trials = load_search_study(tmp_path / "store" / "s" / "work" / JOURNAL, "s").trials
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert complete and all(set(t.intermediate_values) == {2, 4} for t in complete)
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "store" / "s" / "work").glob("trials/*/summary.json")]
-    assert len(summaries) == len(complete)
-    round1 = sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == "round1") for summary in summaries)
-    assert round1.count("miss") <= 1 and len(list((tmp_path / "store" / "s" / "stage-cache").glob("round1-*"))) == 1
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rayuda-two_rounds")
-    finished = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rayuda.outcome") == "finished"]
-    assert len(finished) == len(complete)
-    for run in finished:
-        assert {"rayuda.stage.source_only", "rayuda.stage.round1", "rayuda.stage.round2"} <= set(run.data.tags)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [2, 4]
-
-
-def test_a_search_across_methods_shares_the_source_only_stage(tmp_path):
-    cmd = [sys.executable, "-m", "rayuda.tune", "auto", "--methods", "advent,minent", "--storage", str(tmp_path / "st"),
-           "--name", "a", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"),
-           *TINY, "--num-samples", "4", "--max-iters", "2", "--grace", "2", "--max-concurrent", "1", "--no-confirm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "st" / "a" / "work").glob("trials/*/summary.json")]
-    assert {s["method"] for s in summaries} == {"advent", "minent"}
-    source = sorted(s["stages"][0]["cache"] for s in summaries)
-    assert source == ["hit"] * (len(summaries) - 1) + ["miss"]  # one source-only stage for both methods
-    assert len(list((tmp_path / "st" / "a" / "stage-cache").glob("source_only-*"))) == 1
-    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
-    assert best["method"] in ("advent", "minent")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rayuda-auto")
-    methods = {r.data.params.get("method") for r in client.search_runs([exp.experiment_id])
-               if r.data.tags.get("rayuda.role") == "trial"}
-    assert methods == {"advent", "minent"}
-
-
-def test_an_intrada_search_trains_its_shared_stages_once(tmp_path):
-    cmd = [sys.executable, "-m", "rayuda.tune", "intrada", "--storage", str(tmp_path / "st"), "--name", "i",
-           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"), *TINY,
-           "--set", "stages.inter.iters=2", "--num-samples", "3", "--max-iters", "2", "--grace", "2",
-           "--max-concurrent", "1", "--no-confirm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "st" / "i" / "work").glob("trials/*/summary.json")]
-    assert len(summaries) == 3  # every trial ran to the end (2 iterations, one rung)
-    by_stage = {name: sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == name)
-                             for summary in summaries) for name in ("source_only", "inter", "rank", "intra")}
-    assert by_stage["source_only"] == by_stage["inter"] == ["hit", "hit", "miss"]  # trained once per search
-    assert by_stage["intra"] == ["miss"] * 3  # every trial's own knobs
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rayuda-intrada")
-    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("rayuda.role") == "trial"]
-    assert all({f"rayuda.stage.{n}" for n in by_stage} <= set(r.data.tags) for r in trials)
-    assert "[stage 3/4 rank]" in proc.stdout
-
-
 def test_random_search_without_early_stopping_runs_every_trial_to_full_length(tmp_path):
     proc = subprocess.run(tune_cmd(tmp_path, "--sampler", "random", "--scheduler", "none", "--num-samples", "3",
                                    "--max-iters", "4", "--grace", "2", "--max-concurrent", "2", "--no-confirm"),
@@ -287,38 +183,3 @@ def test_random_search_without_early_stopping_runs_every_trial_to_full_length(tm
     assert sorted(c.data.tags["rayuda.outcome"] for c in children) == ["finished"] * 3
     summaries = list((tmp_path / "store" / "s" / "work").glob("trials/*/summary.json"))
     assert len(summaries) == 3  # no trial was stopped at the grace rung
-
-
-SELF_TRAINING = {  # method → (tiny schedules, the stages every trial shares, the pseudo-label stages)
-    "cra": (["params.cda=fgdem", "stages.cda.iters=2", "stages.cra.iters=2"], ["source_only", "cda"], ["regions"]),
-    "pixintrada": (["params.rounds=1", "stages.inter.iters=2", "stages.intra.iters=2"], ["source_only", "inter"],
-                   ["split"]),
-    "cada": (["params.rounds=1", "stages.adapt.iters=2", "stages.round1.iters=2"], ["source_only"], ["thresholds1"]),
-}
-
-
-@pytest.mark.parametrize("method", sorted(SELF_TRAINING))
-def test_a_self_training_search_on_an_unlabelled_target_caches_its_stages_and_reports_thresholds(tmp_path, method):
-    schedules, shared, passes = SELF_TRAINING[method]
-    target = unlabelled_folder(tmp_path / "mycity")
-    cmd = [sys.executable, "-m", "rayuda.tune", method, "--storage", str(tmp_path / "st"), "--name", "m",
-           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--best", str(tmp_path / "best.yaml"), *TINY,
-           *[a for s in schedules for a in ("--set", s)], "--target", f"folder:{target}", "--metric", "entropy",
-           "--num-samples", "2", "--max-concurrent", "1", "--scheduler", "none", "--no-confirm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    trials = tmp_path / "st" / "m" / "work" / "trials"
-    summaries = [json.loads(p.read_text()) for p in sorted(trials.glob("*/summary.json"))]
-    assert len(summaries) == 2
-    for name in shared:  # computed by the first trial, reused by the second
-        assert sorted(next(s["cache"] for s in summary["stages"] if s["stage"] == name)
-                      for summary in summaries) == ["hit", "miss"], name
-    client, parents, children = runs_of(tmp_path, f"rayuda-{method}")
-    for child in children:
-        assert child.data.tags["rayuda.selection_metric"] == "entropy"
-        tables = {a.path for a in client.list_artifacts(child.info.run_id, "thresholds")}
-        assert {f"thresholds/thresholds-{p}.{ext}" for p in passes for ext in ("csv", "png")} <= tables
-    best = (tmp_path / "best.yaml").read_text()
-    assert f"thresholds of stage {passes[0]}," in best  # the winner's per-class thresholds head best.yaml
-    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert f"thresholds-{passes[0]}.csv" in parent_files, parent_files

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
-    p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster (default: the cluster `ray start` last started on this machine, "
+                        "e.g. the head node of `ray up`; else a new local one; RAY_ADDRESS=local forces a new one)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
                    help="Ray's experiment state and checkpoints: a local or shared path, or an object store "
                         "(s3://BUCKET/PATH, gs://...) (default ./rayuda_results)")
