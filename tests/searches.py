@@ -29,8 +29,6 @@ def runs_of(tmp_path: Path, experiment: str = "rayuda-advent"):
     return client, parents, children
 
 
-
-
 def unlabelled_folder(root: Path, count: int = 6) -> Path:
     """A user's new target with images only: real PNGs copied from minicity's target rendering."""
     from rayuda.data.minicity import ensure_minicity
