@@ -89,6 +89,15 @@ def test_deterministic(tmp_path):
     assert a["source/images/00000.png"] != c["source/images/00000.png"]
 
 
+def test_worker_processes_write_the_same_dataset(tmp_path):
+    """Generation split over worker processes writes the files, and the class frequencies, of one process."""
+    serial = generate(tmp_path / "one", MinicityConfig(**SMALL), processes=1)
+    parallel = generate(tmp_path / "two", MinicityConfig(**SMALL), processes=2)
+    assert _all_files(tmp_path / "one") == _all_files(tmp_path / "two")
+    assert parallel == serial
+    assert minicity.generation_processes(minicity.PARALLEL_FROM - 1) == 1
+
+
 def test_layout_is_plausible(medium):
     """Sky sits above the road, which fills the bottom rows."""
     for domain in ("source", "target"):

@@ -62,11 +62,13 @@ import argparse
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -695,29 +697,61 @@ def _frequencies(counts: np.ndarray) -> dict[str, float]:
     return {name: round(float(counts[i]) / total, 5) for i, (name, _) in enumerate(CLASSES)}
 
 
-def generate(out_dir: str | Path, config: MinicityConfig | None = None, variant: str | None = None) -> dict:
-    """Write both renderings into ``out_dir`` (module docstring) and return ``minicity.json``'s content.
-
-    ``minicity.json`` is written last, so its presence marks a complete dataset; ``variant`` (a name in
-    :data:`VARIANTS`, for the record) is written into it when given.
-    """
-    config = config or MinicityConfig()
-    out = Path(out_dir)
+def _render_jobs(jobs: list[tuple[str, str, int, Path, Path]], config: MinicityConfig) -> dict[str, np.ndarray]:
+    """Draw, render and write the images of ``jobs``; return each domain's label-pixel counts. Every image
+    has its own generator (module docstring), so any split of the jobs writes the same files."""
     h, w = config.height, config.width
     worlds = {d: _world(d, config) for d in DOMAINS}
     palettes = {"source": _PALETTE, "target": target_palette(config)}
     counts = {d: np.zeros(len(CLASSES) + 1, np.int64) for d in DOMAINS}
     codes = {"source": 0, "target": 1, "train": 0, "val": 1}
-    for domain, split, i, image_path, label_path in _jobs(out, config):
+    for domain, split, i, image_path, label_path in jobs:
         rng = np.random.default_rng([config.seed, codes[domain], codes[split], i])
         ego = domain == "target" and rng.random() < 0.4
         cv = _scene(rng, h, w, worlds[domain], ego)
         image = _render(rng, cv, domain, palettes[domain], config)
         counts[domain] += np.bincount(cv.label.ravel(), minlength=len(CLASSES) + 1)
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        label_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, "RGB").save(image_path)
         Image.fromarray(_ID_LUT[cv.label], "L").save(label_path)
+    return counts
+
+
+#: Below this many images generation stays in the calling process (a worker pool costs ~1 s to start).
+PARALLEL_FROM = 200
+
+
+def generation_processes(images: int) -> int:
+    """How many processes render ``images`` images: one per CPU this process may use, at most 8."""
+    if images < PARALLEL_FROM:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
+def generate(out_dir: str | Path, config: MinicityConfig | None = None, variant: str | None = None,
+             processes: int | None = None) -> dict:
+    """Write both renderings into ``out_dir`` (module docstring) and return ``minicity.json``'s content.
+
+    The images are rendered by ``processes`` worker processes (default :func:`generation_processes`; the
+    files are the same for any count). ``minicity.json`` is written last, so its presence marks a complete
+    dataset; ``variant`` (a name in :data:`VARIANTS`, for the record) is written into it when given.
+    """
+    config = config or MinicityConfig()
+    out = Path(out_dir)
+    jobs = _jobs(out, config)
+    for folder in sorted({path.parent for job in jobs for path in job[3:]}):
+        folder.mkdir(parents=True, exist_ok=True)
+    processes = generation_processes(len(jobs)) if processes is None else processes
+    if processes <= 1:
+        parts = [_render_jobs(jobs, config)]
+    else:
+        # a fork server: workers start from a clean process (no inherited threads), this module imported once
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            parts = list(pool.map(_render_jobs, [jobs[k::processes] for k in range(processes)],
+                                  [config] * processes))
+    counts = {d: sum(part[d] for part in parts) for d in DOMAINS}
     meta = {
         "name": "minicity",
         "version": VERSION,
@@ -725,7 +759,7 @@ def generate(out_dir: str | Path, config: MinicityConfig | None = None, variant:
         "classes": [{"name": name, "id": cid} for name, cid in CLASSES],
         "images": {"source": config.source_images, "target/train": config.target_train,
                    "target/val": config.target_val},
-        "size": [h, w],
+        "size": [config.height, config.width],
         "pixel_frequencies": {d: _frequencies(counts[d]) for d in DOMAINS},
         "unlabelled_fraction": {d: round(float(counts[d][VOID] / max(counts[d].sum(), 1)), 5) for d in DOMAINS},
     }
