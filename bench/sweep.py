@@ -44,6 +44,20 @@ def first_pass(summary: dict) -> tuple[dict | None, dict | None]:
     return None, None
 
 
+def self_training_rounds(summary: dict, cfg: dict) -> list[dict]:
+    """Every pseudo-label pass in order (a multi-round method has one per round): its statistics against the true
+    labels and the test mIoU of the model trained on it (the final model's for the last)."""
+    stages, rounds = summary["stages"], []
+    for index, record in enumerate(stages):
+        if record["kind"] == "pseudo_labels" and index + 1 < len(stages):
+            student = stages[index + 1]
+            last = index + 1 == len(stages) - 1
+            test = 100 * summary["test"]["final"]["miou"] if last else score_stage(student["dir"], cfg)
+            rounds.append({"pass": record["stage"], "stage": student["stage"], "test": test,
+                           **{k: record.get(k) for k in PASS_FACTS}})
+    return rounds
+
+
 def score_stage(stage_dir: str, cfg: dict) -> float:
     """Test-part mIoU (points) of the model a stage left in the cache."""
     images = holdout_parts(cfg)[1]
@@ -101,6 +115,7 @@ def main(argv=None) -> int:
                    "seconds": round(time.time() - tic, 1),
                    **{k: record.get(k) for k in PASS_FACTS if record is not None}}
             row["gain"] = row["test"] - base[seed] if seed in base else None
+            row["rounds"] = self_training_rounds(summary, cfg)
             rows[value].append(row)
             print(f"== {args.knob}={value:g} seed {seed}: test {row['test']:.2f} (first stage "
                   f"{base.get(seed, float('nan')):.2f}), kept {row.get('labelled_pixel_share')}, "
@@ -146,6 +161,18 @@ def print_table(results: dict) -> None:
         pct = {k: [100 * r[k] if r.get(k) is not None else None for r in runs] for k in PASS_FACTS}
         print(f"| {value} | {_ms([r['test'] for r in runs])} | {_ms([r['gain'] for r in runs])} | "
               + " | ".join(_ms(pct[k]) for k in PASS_FACTS) + " |")
+
+
+    if any(len(r.get("rounds", [])) > 1 for runs in results["rows"].values() for r in runs):
+        print(f"\nper round (mean ± std over seeds; first stage {_ms(first)}):\n")
+        print(f"| {results['knob']} | pass → stage | test mIoU after it | kept share | precision | recall |")
+        print("|---|---|---|---|---|---|")
+        for value, runs in results["rows"].items():
+            for k, step in enumerate(runs[0].get("rounds", [])):
+                per = [r["rounds"][k] for r in runs if len(r.get("rounds", [])) > k]
+                pct = {f: [100 * x[f] if x.get(f) is not None else None for x in per] for f in PASS_FACTS[:3]}
+                print(f"| {value} | {step['pass']} → {step['stage']} | {_ms([x['test'] for x in per])} | "
+                      + " | ".join(_ms(pct[f]) for f in PASS_FACTS[:3]) + " |")
 
 
 def plot(results: dict, path: str) -> None:
