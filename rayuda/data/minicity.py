@@ -53,7 +53,7 @@ default target, a paired comparison where only the look changes; ``suburb`` draw
 
 :func:`ensure_minicity` generates on first use into ``$RAYUDA_CACHE/minicity-<config hash>`` (default
 ``~/.cache/rayuda``); ``ensure_minicity(variant="suburb")`` does the same for a variant. Command line:
-``python -m rayuda.data.minicity --out DIR [--variant NAME] [--seed S] [--gap G] ...``.
+``python -m rayuda.data.minicity --out DIR [--variant NAME] [--processes N] [--seed S] [--gap G] ...``.
 """
 
 from __future__ import annotations
@@ -846,18 +846,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (files in it are overwritten)")
     parser.add_argument("--variant", choices=list(VARIANTS),
                         help="a named target city (target only; the knobs below override its own)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes rendering the images (default: one per CPU, at most 8)")
     defaults = MinicityConfig()
     for f in fields(MinicityConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                             default=argparse.SUPPRESS, help=f"(default {getattr(defaults, f.name)})")
     args = vars(parser.parse_args(argv))
-    out, variant = Path(args.pop("out")), args.pop("variant")
+    out, variant, processes = Path(args.pop("out")), args.pop("variant"), args.pop("processes")
     try:
         config = variant_config(variant, **args) if variant else MinicityConfig(**args)
     except ValueError as exc:
         parser.error(str(exc))
     start = time.perf_counter()
-    meta = generate(out, config, variant)
+    meta = generate(out, config, variant, processes)
     seconds = time.perf_counter() - start
     what = f"minicity v{VERSION}" + (f" variant {variant}" if variant else "")
     print(f"{what} in {out} ({seconds:.1f} s): {config.source_images} source images, "
