@@ -67,6 +67,15 @@ def test_a_candidate_wins_only_beyond_noise_and_the_minimum_gain():
     assert verdict(better, min_gain=5.0)["winner"] == DEFAULTS
     noisy = {DEFAULTS: {1: 0.20, 2: 0.22, 3: 0.18}, "trial c": {1: 0.26, 2: 0.20, 3: 0.19}}
     assert verdict(noisy, min_gain=1.0)["winner"] == DEFAULTS  # +1.67 ± 3.8: within seed noise
+    assert "trial c, +1.67" in verdict(noisy, min_gain=1.0)["text"]
+
+
+def test_a_verdict_without_a_challenger_says_nothing_was_compared():
+    """When ASHA stopped every trial but the defaults, the confirmation reruns the defaults alone: the verdict must
+    not claim that a config was beaten."""
+    alone = verdict({DEFAULTS: {1: 0.20, 2: 0.22, 3: 0.18}}, min_gain=1.0)
+    assert alone["winner"] == DEFAULTS and "none was compared" in alone["text"]
+    assert "beat the defaults beyond seed noise" not in alone["text"]
 
 
 def test_candidates_are_the_defaults_and_the_top_finished_trials():

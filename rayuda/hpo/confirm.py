@@ -69,9 +69,12 @@ def verdict(scores: dict[str, dict[int, float]], min_gain: float = 1.0, what: st
         winner = best["config"]
     else:
         top = max((r for r in rows if "gain" in r), key=lambda r: r["gain"], default=None)
-        shown = f" (best: {top['config']}, {top['gain']:+.2f} ± {top['gain_std']:.2f})" if top else ""
-        text = (f"no config beat the defaults beyond seed noise over {n} fresh seeds{shown}; "
-                f"keep the defaults")
+        if top is None:  # the search finished no other config (ASHA stopped every challenger early)
+            text = (f"no config other than the defaults finished the search, so none was compared; keep the "
+                    f"defaults (their {what} over {n} fresh seeds above)")
+        else:
+            text = (f"no config beat the defaults beyond seed noise over {n} fresh seeds (best: {top['config']}, "
+                    f"{top['gain']:+.2f} ± {top['gain_std']:.2f}); keep the defaults")
         winner = DEFAULTS
     return {"rows": rows, "winner": winner, "text": text, "metric": what, "min_gain": min_gain}
 
