@@ -7,7 +7,7 @@ import pytest
 from rayuda.config import ConfigError
 from rayuda.data.split import split_images
 from rayuda.engine.pipeline import describe_holdout, holdout_parts
-from rayuda.hpo.confirm import DEFAULTS, candidates, confirmation_seeds, verdict
+from rayuda.hpo.confirm import DEFAULTS, candidates, confirmation_runs, confirmation_seeds, verdict
 from rayuda.methods import resolve_config
 
 
@@ -68,6 +68,17 @@ def test_a_candidate_wins_only_beyond_noise_and_the_minimum_gain():
     noisy = {DEFAULTS: {1: 0.20, 2: 0.22, 3: 0.18}, "trial c": {1: 0.26, 2: 0.20, 3: 0.19}}
     assert verdict(noisy, min_gain=1.0)["winner"] == DEFAULTS  # +1.67 ± 3.8: within seed noise
     assert "trial c, +1.67" in verdict(noisy, min_gain=1.0)["text"]
+
+
+def test_confirmation_runs_that_start_together_train_different_seeds():
+    """Ray starts the grid's runs in order: the first ones must be other seeds (each computes its own seed's shared
+    stages), not two candidates of one seed (one of which would wait on the other's stage lock)."""
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = {"run": tune.grid_search(confirmation_runs([DEFAULTS, "trial t"], [1, 2, 3]))}
+    order = [(spec["run"]["candidate"], spec["run"]["seed"]) for _, spec in generate_variants(space)]
+    assert order == [(DEFAULTS, 1), (DEFAULTS, 2), (DEFAULTS, 3), ("trial t", 1), ("trial t", 2), ("trial t", 3)]
 
 
 def test_a_verdict_without_a_challenger_says_nothing_was_compared():

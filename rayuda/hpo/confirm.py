@@ -26,6 +26,14 @@ def confirmation_seeds(search_seed: int, count: int) -> list[int]:
     return [search_seed + 1 + i for i in range(count)]
 
 
+def confirmation_runs(names: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """The confirmation's runs in the order Ray starts them: every seed of one candidate before the next
+    candidate's. Runs that start together then train different seeds, so each computes its own seed's shared
+    stages (source-only, a first stage) instead of one waiting on the other's stage lock; the later candidates
+    find them cached."""
+    return [{"candidate": name, "seed": seed} for name in names for seed in seeds]
+
+
 def candidates(rows: list[dict[str, Any]], defaults: dict[str, Any], top_k: int) -> dict[str, dict[str, Any]]:
     """The paper defaults plus the ``top_k`` finished trials by selection score (``rows``: the trials table
     with each trial's ``knobs``); a trial whose knobs are the defaults is the defaults."""
@@ -123,7 +131,7 @@ def confirmation_phase(setup: TrialSetup, rows: list[dict[str, Any]], defaults: 
     trainable = tune.with_resources(tune.with_parameters(run_confirmation, setup=setup, candidates=chosen),
                                     resources)
     tuner = tune.Tuner(trainable,
-                       param_space={"candidate": tune.grid_search(list(chosen)), "seed": tune.grid_search(fresh)},
+                       param_space={"run": tune.grid_search(confirmation_runs(list(chosen), fresh))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
                        run_config=tune.RunConfig(name="confirmation", storage_path=setup.work_root, verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=0)))

@@ -100,17 +100,19 @@ def confirmation_dir(work_root: str | Path, candidate: str, seed: int) -> Path:
 
 
 def run_confirmation(params: dict[str, Any], *, setup: TrialSetup, candidates: dict[str, dict[str, Any]]) -> None:
-    """One confirmation run (a Ray trial): a candidate's knobs at one fresh seed, at full length."""
+    """One confirmation run (a Ray trial): a candidate's knobs at one fresh seed, at full length
+    (``params["run"]``: one of :func:`rayuda.hpo.confirm.confirmation_runs`)."""
     import torch
     from ray import tune
 
     from rayuda.engine import run_pipeline
 
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
-    cfg = config_for(setup.configs, candidates[params["candidate"]])
-    set_key(cfg, "seed", params["seed"], source="confirmation")
-    out_dir = confirmation_dir(setup.work_root, params["candidate"], params["seed"])
+    name, seed = params["run"]["candidate"], params["run"]["seed"]
+    cfg = config_for(setup.configs, candidates[name])
+    set_key(cfg, "seed", seed, source="confirmation")
+    out_dir = confirmation_dir(setup.work_root, name, seed)
     summary = run_pipeline(cfg, out_dir, cache_dir=setup.cache_dir, list_dropped=False)
     test = (summary.get("test") or {}).get("final")
     tune.report({"score": summary["score"], "test_miou": test["miou"] if test else float("nan"),
-                 "candidate": params["candidate"], "seed": params["seed"]})
+                 "candidate": name, "seed": seed})
