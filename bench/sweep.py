@@ -150,6 +150,11 @@ def _ms(values: list) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def _percent(records: list[dict], key: str) -> list:
+    """``key`` of every record as a percentage (None where a record has none)."""
+    return [100 * r[key] if r.get(key) is not None else None for r in records]
+
+
 def print_table(results: dict) -> None:
     first = list(results["first_stage"].values())
     print(f"\n{results['method']} on {results['target']}: {results['knob']} swept; seeds "
@@ -158,11 +163,8 @@ def print_table(results: dict) -> None:
           "rare precision | rare recall |")
     print("|---|---|---|---|---|---|---|---|")
     for value, runs in results["rows"].items():
-        pct = {k: [100 * r[k] if r.get(k) is not None else None for r in runs] for k in PASS_FACTS}
         print(f"| {value} | {_ms([r['test'] for r in runs])} | {_ms([r['gain'] for r in runs])} | "
-              + " | ".join(_ms(pct[k]) for k in PASS_FACTS) + " |")
-
-
+              + " | ".join(_ms(_percent(runs, k)) for k in PASS_FACTS) + " |")
     if any(len(r.get("rounds", [])) > 1 for runs in results["rows"].values() for r in runs):
         print(f"\nper round (mean ± std over seeds; first stage {_ms(first)}):\n")
         print(f"| {results['knob']} | pass → stage | test mIoU after it | kept share | precision | recall |")
@@ -170,9 +172,8 @@ def print_table(results: dict) -> None:
         for value, runs in results["rows"].items():
             for k, step in enumerate(runs[0].get("rounds", [])):
                 per = [r["rounds"][k] for r in runs if len(r.get("rounds", [])) > k]
-                pct = {f: [100 * x[f] if x.get(f) is not None else None for x in per] for f in PASS_FACTS[:3]}
                 print(f"| {value} | {step['pass']} → {step['stage']} | {_ms([x['test'] for x in per])} | "
-                      + " | ".join(_ms(pct[f]) for f in PASS_FACTS[:3]) + " |")
+                      + " | ".join(_ms(_percent(per, f)) for f in PASS_FACTS[:3]) + " |")
 
 
 def plot(results: dict, path: str) -> None:

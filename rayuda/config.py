@@ -230,3 +230,8 @@ def cache_root() -> Path:
     """Where rayuda keeps what it generates or computes once (minicity, the stage cache, the verified inputs):
     ``$RAYUDA_CACHE``, or ``~/.cache/rayuda``."""
     return Path(os.environ.get("RAYUDA_CACHE") or "~/.cache/rayuda").expanduser()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -75,7 +75,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rayuda.config import cache_root
+from rayuda.config import cache_root, usable_cpus
 
 #: Bumped whenever the generator's output changes, so cached copies are regenerated.
 VERSION = 1
@@ -724,8 +724,7 @@ def generation_processes(images: int) -> int:
     """How many processes render ``images`` images: one per CPU this process may use, at most 8."""
     if images < PARALLEL_FROM:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus))
+    return max(1, min(8, usable_cpus()))
 
 
 def generate(out_dir: str | Path, config: MinicityConfig | None = None, variant: str | None = None,

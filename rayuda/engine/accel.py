@@ -17,13 +17,12 @@ change what a stage computes (they are in its cache key); the rest are runtime s
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
 import torch
 
-from rayuda.config import ConfigError
+from rayuda.config import ConfigError, usable_cpus
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,8 +86,7 @@ def num_workers(value, device: torch.device) -> int:
     if value is None:
         if device.type != "cuda":
             return 0
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return min(4, cpus // 2)
+        return min(4, usable_cpus() // 2)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"data.num_workers must be an int ≥ 0 or null (automatic), got {value!r}")
     return value
