@@ -14,6 +14,7 @@ pair*: :func:`verify_pairs` lists them (remembered too, with the sizes), and the
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -52,6 +53,22 @@ def verified_cache() -> Path:
 def _stamp(path: Path, table: str) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{table}"
+
+
+def content_digest(dataset: SegmentationDataset) -> str:
+    """A digest of what ``dataset`` reads: each file's path under its root, size and modification time, and the
+    id table its labels are mapped with (``classes.yaml`` included). One ``stat`` per file, nothing decoded. The
+    stage keys hold it (:func:`rayuda.engine.pipeline.input_digests`), so a stage computed on these files is not
+    served from the cache once a label is fixed, an image added or removed, or the mapping edited."""
+    digest = hashlib.sha256(dataset.id_table.encode())
+    for pair in dataset.files:
+        for path in pair:
+            if path is None:
+                digest.update(b"-\n")
+                continue
+            st = path.stat()
+            digest.update(f"{os.path.relpath(path, dataset.root)}\t{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _reason(err: PairSizeError) -> str:

@@ -10,6 +10,7 @@ stage is reused, an interrupted one resumes. Reported stages report each evaluat
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from rayuda.config import ConfigError, cache_root, flatten, save_config
 from rayuda.data import open_dataset, with_pseudo_labels
 from rayuda.data.split import SMALL_TEST, split_images
 from rayuda.data.transforms import OwnLabelSize, Transform, config_transform
-from rayuda.data.verify import BadPair, drop_pairs, refuse_bad_pairs, verify_pairs
+from rayuda.data.verify import BadPair, content_digest, drop_pairs, refuse_bad_pairs, verify_pairs
 from rayuda.engine.accel import pick_device
 from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
@@ -61,6 +62,7 @@ class PlanRun:
     dirs: dict[str, Path] = field(default_factory=dict)
     last_train: str | None = None
     skip: frozenset[str] = frozenset()  # image paths of the bad pairs data.bad_pairs=skip drops (check_inputs)
+    inputs: dict[str, str] = field(default_factory=dict)  # digests of the files the config names (input_digests)
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -285,6 +287,26 @@ def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> list[BadPair]:
     return list(bad.values())
 
 
+def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
+    """Digests of the files the config names, by the key naming them: ``source`` and ``target`` (every file
+    of both splits, :func:`rayuda.data.verify.content_digest`) and ``model`` (``model.init``'s weights file: its
+    size and modification time). They enter the stage keys (:func:`rayuda.engine.plan.stage_slice`) and
+    ``summary.json``. minicity is generated from its spec, which the keys hold already, so it has none, nor have
+    ``init: random`` and ``imagenet``; so the keys of runs on them are those from before digests existed."""
+    out: dict[str, str] = {}
+    for key in ("source", "target"):
+        spec = str(cfg[key])
+        if spec.partition(":")[0] != "minicity":
+            parts = [content_digest(open_dataset(spec, split, role=key, protocol=cfg["protocol"]))
+                     for split in ("train", "val")]
+            out[key] = hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+    init = cfg["model"].get("init", "random")
+    if isinstance(init, str) and init not in ("random", "imagenet") and Path(init).is_file():  # else: check_inputs
+        st = Path(init).stat()
+        out["model"] = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return out
+
+
 def dropped_lines(dropped: list[BadPair]) -> list[str]:
     """What ``data.bad_pairs=skip`` dropped, for the output: a count, then one line per pair (each file once)."""
     if not dropped:
@@ -302,9 +324,10 @@ def move_aside(out_dir: Path) -> Path:
     return aside
 
 
-def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
-    """The summary of a finished run of ``cfg`` in ``out_dir``; refuse an ``out_dir`` of another config
-    (one that differs only in :data:`BOOKKEEPING` keys is the same run). Reads, never writes."""
+def _finished(cfg: dict[str, Any], out_dir: Path, inputs: dict[str, str]) -> dict[str, Any] | None:
+    """The summary of a finished run of ``cfg`` on the files ``inputs`` digests in ``out_dir``; refuse an
+    ``out_dir`` of another config (one that differs only in :data:`BOOKKEEPING` keys is the same run) or of files
+    changed since (a summary from before digests existed is taken as it is). Reads, never writes."""
     saved_path = out_dir / "config.yaml"
     if not saved_path.exists():
         return None
@@ -320,8 +343,15 @@ def _finished(cfg: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{out_dir} holds a run of another config; it differs in {shown}"
                           + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
                           + ": choose another --out, or pass --force-new to move the old run aside")
-    summary = out_dir / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else None
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    before = (summary or {}).get("inputs", inputs)
+    changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+    if changed:
+        raise ConfigError(f"{out_dir} holds a run on other files: {', '.join(changed)} changed since it ran "
+                          "(files added, removed or modified): choose another --out, or pass --force-new to "
+                          "move the old run aside")
+    return summary
 
 
 def run_pipeline(
@@ -349,8 +379,9 @@ def run_pipeline(
     resolve_selection_metric(cfg)  # `auto` is saved as the metric it stands for
     resolve_eval_protocol(cfg)  # and null as the protocol it stands for
     out_dir = Path(out_dir)
+    inputs = input_digests(cfg)
     try:
-        done, stale = _finished(cfg, out_dir), False
+        done, stale = _finished(cfg, out_dir, inputs), False
     except ConfigError:
         if not force_new:
             raise
@@ -366,7 +397,8 @@ def run_pipeline(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     runtime = Runtime.of(cfg, device)  # + the GPU speed settings (rayuda.engine.accel)
-    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names, skip=frozenset(p.image for p in dropped))
+    run = PlanRun(cfg=cfg, runtime=runtime, class_names=class_names, skip=frozenset(p.image for p in dropped),
+                  inputs=inputs)
     total = sum(_iters(cfg, s) for s in plan if s.reported)
     print(f"[{method}] {cfg['source']} → {cfg['target']} on {runtime.device}, seed {cfg['seed']}, out {out_dir}\n"
           f"[{method}] plan: " + " → ".join(s.name + (" (reported)" if s.reported else "") for s in plan)
@@ -419,7 +451,7 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
     (a non-reported train stage of 0 iterations is skipped). Returns the stage's record for the summary."""
     stage, cfg = plan[index], run.cfg
     last_reported = [s for s in plan if s.reported][-1]
-    slc = stage_slice(cfg, stage)
+    slc = stage_slice(cfg, stage, run.inputs)
     key = stage_key(stage, slc, upstream)
     tic = time.time()
     tag = f"[stage {index + 1}/{len(plan)} {stage.name}]"
@@ -525,6 +557,7 @@ def _summarise(run: PlanRun, method: str, records, out_dir: Path, start_time: fl
         "flip_agreement": last["flip_agreement"],
         **{k: v for k, v in last.items() if k.startswith("proxy/")},
         "seed": cfg["seed"],
+        "inputs": run.inputs,
         "test": test,
         "stages": records,
         "bad_pairs": {"policy": cfg["data"]["bad_pairs"],

@@ -93,13 +93,21 @@ def stage_keys(stage: Stage) -> list[str]:
 EVAL_PROTOCOLS, LEGACY_EVAL_PROTOCOL = ("label", "resized"), "resized"
 
 
-def stage_slice(cfg: dict[str, Any], stage: Stage) -> ConfigSlice:
+def stage_slice(cfg: dict[str, Any], stage: Stage, inputs: dict[str, str] | None = None) -> ConfigSlice:
     """Exactly the part of ``cfg`` that ``stage`` reads. A reported stage reads ``data.eval_protocol`` too; it
     enters the slice (and the key) only when it is not :data:`LEGACY_EVAL_PROTOCOL`, so stages cached before the
-    key existed keep their keys (they were evaluated that way), and the evaluation reads it with that default."""
+    key existed keep their keys (they were evaluated that way), and the evaluation reads it with that default.
+
+    ``inputs``: digests of the files a config key names (``source``, ``target``, ``model`` for ``model.init``;
+    :func:`rayuda.engine.pipeline.input_digests`); each enters the slice as ``inputs.KEY`` of the stages that read
+    that key, so a stage is not served from the cache for files changed since it was computed."""
     out: dict[str, Any] = {}
-    for dotted in stage_keys(stage):
+    read = stage_keys(stage)
+    for dotted in read:
         _insert(out, dotted, _lookup(cfg, dotted))
+    for key, digest in sorted((inputs or {}).items()):
+        if key in read:
+            _insert(out, f"inputs.{key}", digest)
     protocol = cfg["data"].get("eval_protocol")
     if stage.reported and protocol not in (None, LEGACY_EVAL_PROTOCOL):
         _insert(out, "data.eval_protocol", protocol)
