@@ -103,16 +103,17 @@ def test_per_class_thresholds_become_a_table_a_chart_and_best_yaml_lines(tmp_pat
     import json
 
     from rayuda.hpo.report import threshold_lines
-    from rayuda.hpo.trial_summary import threshold_tables
+    from rayuda.hpo.trial_summary import read_summary, threshold_tables
 
     stages = [{"stage": "source_only", "cache": "hit"},
               {"stage": "split", "cache": "miss", "per_class": {"road": {"threshold": 0.82, "kept_share": 0.64},
                                                                "sky": {"threshold": 0.9, "kept_share": 0.71}}}]
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"stages": stages}))
-    table, chart = threshold_tables(summary, tmp_path / "out")
+    table, chart = threshold_tables(read_summary(summary), tmp_path / "out")
     rows = list(csv.DictReader(open(table)))
     assert [(r["class"], float(r["threshold"])) for r in rows] == [("road", 0.82), ("sky", 0.9)]
     assert chart.suffix == ".png" and chart.stat().st_size > 1000
-    assert threshold_lines(summary) == ["thresholds of stage split, road: threshold 0.82, kept_share 0.64",
-                                        "thresholds of stage split, sky: threshold 0.9, kept_share 0.71"]
+    assert threshold_lines(read_summary(summary)) == [
+        "thresholds of stage split, road: threshold 0.82, kept_share 0.64",
+        "thresholds of stage split, sky: threshold 0.9, kept_share 0.71"]

@@ -22,7 +22,7 @@ from rayuda.engine import run_pipeline
 from rayuda.engine.evaluate import SELECTION_METRICS, resolve_metric
 from rayuda.engine.passes import pseudo_label_pass
 from rayuda.hpo.tracking import MlflowTracker
-from rayuda.hpo.trial_summary import pseudo_metrics, threshold_tables
+from rayuda.hpo.trial_summary import pseudo_metrics, read_summary, threshold_tables
 from rayuda.methods.cra import CrossRegionSplit
 from rayuda.methods.intrada import EntropyRanking
 from rayuda.models import SegOutput
@@ -161,7 +161,7 @@ SUMMARY_STAGES = [
 def test_thresholds_table_gets_precision_and_recall_columns(tmp_path):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"stages": SUMMARY_STAGES}))
-    table, chart = threshold_tables(summary, tmp_path / "out")
+    table, chart = threshold_tables(read_summary(summary), tmp_path / "out")
     rows = list(csv.DictReader(open(table)))
     # class order; sidewalk has true pixels (recall 0) though never kept, sky has none and no thresholds
     assert [r["class"] for r in rows] == ["road", "sidewalk", "building"]
@@ -177,8 +177,8 @@ def test_pseudo_metrics_reach_the_trials_mlflow_run(tmp_path):
     trial_dir = tmp_path / "trials" / "t1"
     trial_dir.mkdir(parents=True)
     (trial_dir / "summary.json").write_text(json.dumps({"stages": SUMMARY_STAGES}))
-    assert pseudo_metrics(trial_dir / "summary.json") == [("pseudo/precision", 0.8, 1), ("pseudo/recall", 0.5, 1),
-                                                           ("pseudo/rare_precision", 0.25, 1)]
+    assert pseudo_metrics(read_summary(trial_dir / "summary.json")) == [
+        ("pseudo/precision", 0.8, 1), ("pseudo/recall", 0.5, 1), ("pseudo/rare_precision", 0.25, 1)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = client_for(uri)
     run_id = client.create_run(ensure_experiment(client, "e", uri)).info.run_id

@@ -192,7 +192,7 @@ def close(plan: SearchPlan, places: Places, connection: Connection, choice, arti
     """Write ``best.yaml`` and hand everything to the search's MLflow run (model registered when asked)."""
     from rayuda.hpo import report
     from rayuda.hpo.tracking import ensure_experiment, finish_search
-    from rayuda.hpo.trial_summary import threshold_tables
+    from rayuda.hpo.trial_summary import read_summary, threshold_tables
     from rayuda.runs import client_for
 
     metrics, tags, best_path = {}, {}, None
@@ -201,7 +201,8 @@ def close(plan: SearchPlan, places: Places, connection: Connection, choice, arti
         tags["rayuda.dropped_pairs"] = str(len(plan.dropped))
     if choice is not None:
         best_path = report.write_best(choice, plan, places, best)
-        artifacts += threshold_tables(choice.winner_dir / "summary.json", places.exp_dir / "winner-thresholds")
+        artifacts += threshold_tables(read_summary(choice.winner_dir / "summary.json"),
+                                      places.exp_dir / "winner-thresholds")
         metrics.update(choice.metrics)
         tags.update(choice.tags)
     if failed:

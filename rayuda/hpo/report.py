@@ -30,7 +30,7 @@ def fmt(value) -> str:
 def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
     """One row per trial, best first: outcome, best selection score, test-part mIoU, stage cache, knobs."""
     from rayuda.hpo.tracking import error_line, outcome
-    from rayuda.hpo.trial_summary import stage_lines
+    from rayuda.hpo.trial_summary import read_summary, stage_lines
 
     rows = []
     for result in results:
@@ -39,7 +39,7 @@ def trials_table(results, exp_dir: Path) -> list[dict[str, Any]]:
         history = result.metrics_dataframe
         best = float(history["score"].max()) if history is not None and "score" in history else float("nan")
         trial_id = metrics.get("trial_id", "")
-        stages = stage_lines(exp_dir / "work" / "trials" / trial_id / "summary.json")
+        stages = stage_lines(read_summary(exp_dir / "work" / "trials" / trial_id / "summary.json"))
         error = error_line(str(result.error)) if result.error is not None else metrics.get("failed")
         if error is not None and math.isinf(best):
             best = float("nan")  # a trial that failed before its first evaluation has no score
@@ -125,7 +125,9 @@ def write_best(choice: Choice, plan: SearchPlan, places: Places, also: str | Non
     """``best.yaml`` in the search folder (and at ``also``, ``--best``), headed by why and the winner's per-class
     thresholds; ``work/winner.json`` names the winner's run folder."""
     best_cfg = config_for(plan.configs, choice.knobs)
-    header = [*choice.header, *threshold_lines(choice.winner_dir / "summary.json")]
+    from rayuda.hpo.trial_summary import read_summary
+
+    header = [*choice.header, *threshold_lines(read_summary(choice.winner_dir / "summary.json"))]
     best_path = places.exp_dir / "best.yaml"
     save_config(best_cfg, best_path, header=header)
     if (choice.winner_dir / "summary.json").exists():  # what `rayuda.predict SEARCH_FOLDER` uses
@@ -145,12 +147,11 @@ def champion_description(name: str, verdict: dict[str, Any], defaults: bool) -> 
     return f"search {name}, confirmed on fresh seeds: {what}. Verdict: {verdict['text']}"
 
 
-def threshold_lines(summary_path: Path) -> list[str]:
-    """The per-class thresholds a run's pseudo-label stages decided, as lines for ``best.yaml``'s header."""
-    if not summary_path.is_file():
-        return []
+def threshold_lines(summary: dict[str, Any]) -> list[str]:
+    """The per-class thresholds a run's pseudo-label stages decided (its summary), as lines for ``best.yaml``'s
+    header."""
     lines = []
-    for stage in json.loads(summary_path.read_text())["stages"]:
+    for stage in summary.get("stages", []):
         for name, row in (stage.get("per_class") or {}).items():
             values = ", ".join(f"{k} {fmt(v)}" for k, v in row.items())
             lines.append(f"thresholds of stage {stage['stage']}, {name}: {values}")

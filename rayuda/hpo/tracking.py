@@ -30,7 +30,14 @@ from ray import tune
 
 from rayuda.config import ConfigError, flatten
 from rayuda.hpo.registry import CHAMPION, dataset_input, log_dataset_inputs, log_winner_model
-from rayuda.hpo.trial_summary import pseudo_metrics, stage_lines, summary_dropped, summary_environment, threshold_tables
+from rayuda.hpo.trial_summary import (
+    pseudo_metrics,
+    read_summary,
+    stage_lines,
+    summary_dropped,
+    summary_environment,
+    threshold_tables,
+)
 from rayuda.runs import client_for
 
 OUTCOME_STATUS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
@@ -273,17 +280,18 @@ class MlflowTracker(tune.Callback):
         trial_dir = Path(self.work_root) / "trials" / trial.trial_id
         from rayuda.provenance import mlflow_tags
 
-        for key, value in mlflow_tags(summary_environment(trial_dir / "summary.json")).items():
+        summary = read_summary(trial_dir / "summary.json")
+        for key, value in mlflow_tags(summary_environment(summary)).items():
             self.client.set_tag(run_id, key, value)
-        dropped = summary_dropped(trial_dir / "summary.json")
+        dropped = summary_dropped(summary)
         if dropped:  # data.bad_pairs=skip: the list is the parent run's dropped_pairs.tsv
             self.client.set_tag(run_id, "rayuda.dropped_pairs", str(len(dropped)))
-        for stage, line in stage_lines(trial_dir / "summary.json").items():
+        for stage, line in stage_lines(summary).items():
             self.client.set_tag(run_id, f"rayuda.stage.{stage}", line.split()[0])
             self.client.log_metric(run_id, f"stage_seconds/{stage}", float(line.split()[1]))
-        for key, value, step in pseudo_metrics(trial_dir / "summary.json"):  # reported, never selected on
+        for key, value, step in pseudo_metrics(summary):  # reported, never selected on
             self.client.log_metric(run_id, key, value, step=step)
-        for path in threshold_tables(trial_dir / "summary.json", trial_dir / "thresholds"):
+        for path in threshold_tables(summary, trial_dir / "thresholds"):
             self.client.log_artifact(run_id, str(path), "thresholds")
         best = trial_dir / "best_model.pt"
         if best.is_file():

@@ -1,6 +1,7 @@
 """What a trial's ``summary.json`` tells MLflow: its environment, dropped bad pairs, stage cache lines, the
-pseudo-label quality its passes measured against the truth, and per-class threshold tables. Plain readers of
-the file, so the tracker and the search's report share them and a missing summary reads as nothing."""
+pseudo-label quality its passes measured against the truth, and per-class threshold tables. The file is read
+once (:func:`read_summary`; a missing one reads as nothing) and each reader takes what it holds, so the tracker
+and the search's report share them."""
 
 from __future__ import annotations
 
@@ -10,23 +11,24 @@ from pathlib import Path
 from typing import Any
 
 
-def summary_environment(summary_path: Path) -> dict[str, Any]:
-    """The machine and code facts a trial's ``summary.json`` recorded (``environment``: versions, git commit,
-    CPU/GPU, threads, deterministic)."""
-    if not Path(summary_path).is_file():
-        return {}
-
-    return json.loads(Path(summary_path).read_text()).get("environment", {})
+def read_summary(summary_path: Path) -> dict[str, Any]:
+    """A run's ``summary.json`` (``{}`` if the run wrote none)."""
+    path = Path(summary_path)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def summary_dropped(summary_path: Path) -> list[dict[str, str]]:
-    """The bad pairs (image, label, reason) a run's ``summary.json`` says ``data.bad_pairs=skip`` left out."""
-    if not Path(summary_path).is_file():
-        return []
-    return (json.loads(Path(summary_path).read_text()).get("bad_pairs") or {}).get("dropped", [])
+def summary_environment(summary: dict[str, Any]) -> dict[str, Any]:
+    """The machine and code facts a trial's summary recorded (``environment``: versions, git commit, CPU/GPU,
+    threads, deterministic)."""
+    return summary.get("environment", {})
 
 
-def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
+def summary_dropped(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """The bad pairs (image, label, reason) a run's summary says ``data.bad_pairs=skip`` left out."""
+    return (summary.get("bad_pairs") or {}).get("dropped", [])
+
+
+def threshold_tables(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """For every pseudo-label stage of a run that decided per-class thresholds (``per_class`` in its facts), a
     CSV table and a bar chart of them in ``out_dir`` (``thresholds-<stage>.csv`` / ``.png``); returns the files.
 
@@ -35,10 +37,8 @@ def threshold_tables(summary_path: Path, out_dir: Path) -> list[Path]:
     get a row of their own (class order)."""
     import csv
 
-    if not Path(summary_path).is_file():
-        return []
     files = []
-    for stage in json.loads(Path(summary_path).read_text())["stages"]:
+    for stage in summary.get("stages", []):
         per_class = stage.get("per_class")
         if not per_class:
             continue
@@ -81,23 +81,18 @@ def _threshold_chart(stage: str, per_class: dict[str, dict[str, Any]], path: Pat
     return path
 
 
-def pseudo_metrics(summary_path: Path) -> list[tuple[str, float, int]]:
+def pseudo_metrics(summary: dict[str, Any]) -> list[tuple[str, float, int]]:
     """``(metric, value, step)`` of the pseudo-label quality a run's passes measured against the target's true
     labels (stage facts ``pseudo/precision``, ``pseudo/recall``, ``pseudo/rare_precision``,
     ``pseudo/rare_recall``, see :func:`rayuda.engine.passes.truth_facts`); ``step`` is the stage's place in
     the plan, so a plan with several passes keeps one history per metric. Empty when none was measured."""
-    if not Path(summary_path).is_file():
-        return []
-    stages = json.loads(Path(summary_path).read_text())["stages"]
+    stages = summary.get("stages", [])
     return [(key, float(value), step) for step, stage in enumerate(stages) for key, value in stage.items()
             if key.startswith("pseudo/") and isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value)]
 
 
-def stage_lines(summary_path: Path) -> dict[str, str]:
-    """``{stage: "hit 0.0 s"}`` from a trial's ``summary.json`` (empty if the trial wrote none)."""
-    if not Path(summary_path).is_file():
-        return {}
-
-    stages = json.loads(Path(summary_path).read_text())["stages"]
+def stage_lines(summary: dict[str, Any]) -> dict[str, str]:
+    """``{stage: "hit 0.0 s"}`` from a trial's summary (empty if the trial wrote none)."""
+    stages = summary.get("stages", [])
     return {s["stage"]: f"{s['cache']} {s['seconds']:.1f} s" for s in stages}
