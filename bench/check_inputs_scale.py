@@ -7,6 +7,8 @@ processes, so each phase's peak memory (``resource.getrusage``) is its own:
 - ``warm``: the same again (every pair remembered in ``verified.json``: one ``stat`` per file);
 - ``refuse``: the default policy, remembered pairs: the time to the one error line.
 
+Each phase also times :func:`rayuda.engine.pipeline.input_digests` (what every run adds to its stage keys).
+
     python bench/check_inputs_scale.py                   # 25,000 pairs; ≈ 3 min on 2 cores; a markdown table
     python bench/check_inputs_scale.py --pairs 2000      # a quick look
 
@@ -64,7 +66,7 @@ def phase(root: Path, policy: str) -> dict:
     ``/proc/self/clear_refs``: what checking the data itself holds); the dropped pairs or the error."""
     from rayuda.config import ConfigError
     from rayuda.data import DatasetError, class_names, open_dataset
-    from rayuda.engine.pipeline import check_inputs
+    from rayuda.engine.pipeline import check_inputs, input_digests
     from rayuda.methods import resolve_config
     from rayuda.models import build_segmenter
 
@@ -86,7 +88,11 @@ def phase(root: Path, policy: str) -> dict:
         dropped, error = None, str(err)
     seconds = time.perf_counter() - tic
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tic = time.perf_counter()
+    input_digests(cfg)  # what every run adds to its stage keys: source and target, both splits, one stat a file
+    digest_seconds = time.perf_counter() - tic
     return {"seconds": seconds, "build_seconds": build_seconds, "listing_seconds": listing_seconds,
+            "digest_seconds": digest_seconds,
             "rss_before_mb": before / 1024, "rss_peak_mb": after / 1024,
             "extra_peak_mb": (_status_kb("VmHWM") - start_kb) / 1024, "dropped": dropped, "error": error}
 
@@ -134,7 +140,9 @@ def main() -> None:
         print(f"| {name} | {r['seconds']:.1f} | {rate} | {r['rss_before_mb']:.0f} → {r['rss_peak_mb']:.0f} | "
               f"{r['extra_peak_mb']:.0f} | {r['progress_lines']} | {outcome} |")
     print(f"\nG built in {rows[1][1]['build_seconds']:.1f} s, the folder listed (open_dataset) in "
-          f"{rows[1][1]['listing_seconds']:.2f} s (warm phase); check_inputs builds G once and lists it 3 times")
+          f"{rows[1][1]['listing_seconds']:.2f} s (warm phase); check_inputs builds G once and lists it 3 times; "
+          f"the stage keys' file digests (input_digests: 4 listings, a stat per file) took "
+          f"{rows[1][1]['digest_seconds']:.2f} s")
     print(f"\nfirst progress line: {rows[0][1]['first_line']}\nlast progress line:  {rows[0][1]['last_line']}")
     print(f"refuse: error: {rows[2][1]['error']}")
 

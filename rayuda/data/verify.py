@@ -56,7 +56,7 @@ def _stamp(path: Path, table: str) -> str:
 
 
 def content_digest(dataset: SegmentationDataset) -> str:
-    """A digest of what ``dataset`` reads: each file's path under its root, size and modification time, and the
+    """A digest of what ``dataset`` reads: each file's path, size and modification time, and the
     id table its labels are mapped with (``classes.yaml`` included). One ``stat`` per file, nothing decoded. The
     stage keys hold it (:func:`rayuda.engine.pipeline.input_digests`), so a stage computed on these files is not
     served from the cache once a label is fixed, an image added or removed, or the mapping edited."""
@@ -66,8 +66,8 @@ def content_digest(dataset: SegmentationDataset) -> str:
             if path is None:
                 digest.update(b"-\n")
                 continue
-            st = path.stat()
-            digest.update(f"{os.path.relpath(path, dataset.root)}\t{st.st_size}:{st.st_mtime_ns}\n".encode())
+            st = os.stat(path)
+            digest.update(f"{path}\t{st.st_size}:{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

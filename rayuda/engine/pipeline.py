@@ -297,8 +297,8 @@ def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
     for key in ("source", "target"):
         spec = str(cfg[key])
         if spec.partition(":")[0] != "minicity":
-            parts = [content_digest(open_dataset(spec, split, role=key, protocol=cfg["protocol"]))
-                     for split in ("train", "val")]
+            train, val = (open_dataset(spec, split, role=key, protocol=cfg["protocol"]) for split in ("train", "val"))
+            parts = [content_digest(train), *([content_digest(val)] if val.files != train.files else [])]
             out[key] = hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
     init = cfg["model"].get("init", "random")
     if isinstance(init, str) and init not in ("random", "imagenet") and Path(init).is_file():  # else: check_inputs
