@@ -91,6 +91,11 @@ BASE_DEFAULTS: dict[str, Any] = {
         # decay of an exponential moving average of G's weights (0: none): evaluations, the selected and the final
         # model are the average (rayuda.engine.loop.weight_average); training continues on the raw weights
         "ema": 0.0,
+        # BatchNorm running statistics in stages that forward source and target images separately: "target" (the
+        # source batches are normalised with their own statistics but leave the running ones, so G is evaluated
+        # with the target's, as its target losses were computed) or "mixed" (every forward updates them, as every
+        # stage did before the key existed; docs/BENCHMARKS.md §28 measures the difference)
+        "bn_stats": "target",
     },
     # Per-stage schedules. source_only is the cached stage every plan starts from (iters 0: start the next
     # stage from model.init); a method adds its own stages (rayuda.methods).

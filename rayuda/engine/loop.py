@@ -62,6 +62,8 @@ class StageData:
     class_names: list[str]
     frozen: dict[str, nn.Module] = field(default_factory=dict)
     probe: tuple | None = None  # (target, source) probe sets of a reported stage (rayuda.engine.probe)
+    #: the labelled (source) batches leave BatchNorm's running statistics alone (train.bn_stats: target)
+    hold_source_statistics: bool = False
 
 
 def poly_lr(base: float, iteration: int, max_iter: int, power: float) -> float:
@@ -282,6 +284,7 @@ class StageTraining:
             self.set_rates(i)
             labelled = _move(next(labelled_batches), device)
             unlabelled = _move(next(unlabelled_batches), device) if unlabelled_batches is not None else None
+            self.ctx.held_images = labelled["image"] if self.data.hold_source_statistics else None
             losses = self.method.train_step(self.ctx, labelled, unlabelled)
             if self.average is not None:
                 self.average.update_parameters(self.model)

@@ -35,8 +35,10 @@ from rayuda.engine.evaluate import AUTO, SELECTION_METRICS, evaluate, resolve_me
 from rayuda.engine.loop import Report, Runtime, StageData, train_stage
 from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
 from rayuda.engine.plan import (
+    LEGACY_BN_STATS,
     LEGACY_EVAL_PROTOCOL,
     check_plan,
+    holds_source_statistics,
     stage_identity,
     stage_key,
     stage_params,
@@ -199,7 +201,8 @@ def _train(run: PlanRun, stage: Stage, index: int, cfg, work_dir: Path, report: 
                      unlabelled=_train_set(run, cfg, stage.unlabelled, _train_transform(cfg, stage.unlabelled)),
                      holdout=holdout_parts(cfg, run.skip)[0] if stage.reported else None,
                      class_names=run.class_names, frozen=frozen,
-                     probe=open_probe(cfg, _eval_transform(cfg), run.skip) if stage.reported else None)
+                     probe=open_probe(cfg, _eval_transform(cfg), run.skip) if stage.reported else None,
+                     hold_source_statistics=holds_source_statistics(stage, cfg))
     seed_everything(seed)
     result = train_stage(label=stage.name, config=cfg, params=stage_params(cfg, stage), method=stage.step(),
                          model=model, data=data, work_dir=work_dir, runtime=run.runtime, report=report)
@@ -261,7 +264,7 @@ BOOKKEEPING = ("train.log_every", "train.num_masks", "data.num_workers", "train.
 
 
 #: Keys added after runs were saved, with the value those runs used (a saved config without the key is that run).
-LEGACY = {"data.eval_protocol": LEGACY_EVAL_PROTOCOL}
+LEGACY = {"data.eval_protocol": LEGACY_EVAL_PROTOCOL, "train.bn_stats": LEGACY_BN_STATS}
 
 
 def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> list[BadPair]:

@@ -91,12 +91,23 @@ def stage_keys(stage: Stage) -> list[str]:
 
 #: ``data.eval_protocol`` values, and the one every evaluation used before the key existed.
 EVAL_PROTOCOLS, LEGACY_EVAL_PROTOCOL = ("label", "resized"), "resized"
+#: ``train.bn_stats`` values, and the one every stage used before the key existed.
+BN_STATS, LEGACY_BN_STATS = ("target", "mixed"), "mixed"
+
+
+def holds_source_statistics(stage: Stage, cfg: dict[str, Any]) -> bool:
+    """Whether ``stage``'s source forwards leave G's BatchNorm running statistics to the target's
+    (``train.bn_stats: target``, a train stage on the source beside unlabelled target images)."""
+    return (stage.kind == "train" and stage.labelled == "source" and stage.unlabelled is not None
+            and cfg["train"].get("bn_stats", LEGACY_BN_STATS) == "target")
 
 
 def stage_slice(cfg: dict[str, Any], stage: Stage, inputs: dict[str, str] | None = None) -> ConfigSlice:
     """Exactly the part of ``cfg`` that ``stage`` reads. A reported stage reads ``data.eval_protocol`` too; it
     enters the slice (and the key) only when it is not :data:`LEGACY_EVAL_PROTOCOL`, so stages cached before the
     key existed keep their keys (they were evaluated that way), and the evaluation reads it with that default.
+    ``train.bn_stats`` likewise enters the slices of the stages it changes (:func:`holds_source_statistics`)
+    only when it is not :data:`LEGACY_BN_STATS`.
 
     ``inputs``: digests of the files a config key names (``source``, ``target``, ``model`` for ``model.init``;
     :func:`rayuda.engine.pipeline.input_digests`); each enters the slice as ``inputs.KEY`` of the stages that read
@@ -111,6 +122,8 @@ def stage_slice(cfg: dict[str, Any], stage: Stage, inputs: dict[str, str] | None
     protocol = cfg["data"].get("eval_protocol")
     if stage.reported and protocol not in (None, LEGACY_EVAL_PROTOCOL):
         _insert(out, "data.eval_protocol", protocol)
+    if holds_source_statistics(stage, cfg):  # "mixed" stays out of the keys: stages cached before keep theirs
+        _insert(out, "train.bn_stats", cfg["train"]["bn_stats"])
     return ConfigSlice(out, stage.name)
 
 
@@ -219,6 +232,8 @@ def _check_settings(cfg: dict[str, Any]) -> None:
     if cfg["data"]["bad_pairs"] not in BAD_PAIR_POLICIES:
         raise ConfigError(f"data.bad_pairs must be one of {', '.join(BAD_PAIR_POLICIES)}, got "
                           f"{cfg['data']['bad_pairs']!r}")
+    if train["bn_stats"] not in BN_STATS:
+        raise ConfigError(f"train.bn_stats must be one of {', '.join(BN_STATS)}, got {train['bn_stats']!r}")
     ema = train["ema"]
     if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1:
         raise ConfigError(f"train.ema must be a number in [0, 1) (the average's decay; 0: none), got {ema!r}")

@@ -28,6 +28,21 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
         param.requires_grad_(flag)
 
 
+@contextmanager
+def running_statistics_held(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model``'s BatchNorm layers in train mode normalise with the batch's statistics as usual, but
+    their running statistics do not move (momentum 0; restored on exit)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+
+
 @dataclass
 class TrainContext:
     """One training stage's state.
@@ -56,6 +71,9 @@ class TrainContext:
     compiled: nn.Module | None = None
     #: ``torch.channels_last`` when ``train.channels_last`` is on (CUDA): images enter G in that layout.
     memory_format: torch.memory_format | None = None
+    #: this iteration's source images when ``train.bn_stats`` is ``target`` (set by the engine): their forward
+    #: passes normalise with their own batch statistics but leave BatchNorm's running ones to the target's
+    held_images: torch.Tensor | None = None
 
     @property
     def levels(self) -> list[str]:
@@ -80,10 +98,12 @@ class TrainContext:
         return nullcontext()
 
     def forward(self, images: torch.Tensor):
-        """One forward pass of G: logits of every level and the intermediate features."""
+        """One forward pass of G: logits of every level and the intermediate features. A pass on
+        :attr:`held_images` leaves BatchNorm's running statistics as they were."""
+        held = images is self.held_images
         if self.memory_format is not None:
             images = images.contiguous(memory_format=self.memory_format)
-        with self.autocast():
+        with self.autocast(), (running_statistics_held(self.model) if held else nullcontext()):
             return (self.model if self.compiled is None else self.compiled)(images)
 
     def logits(self, output, level: str, size: tuple[int, int]) -> torch.Tensor:
