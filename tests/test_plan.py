@@ -106,13 +106,19 @@ def test_a_config_key_read_outside_the_stage_slice_raises(tmp_path, monkeypatch)
 def test_stage_keys_stay_those_of_the_stages_users_have_cached():
     """Guards the stage cache: these keys were computed by rayuda before Stage's data slots were renamed
     (``source``/``target`` → ``labelled``/``unlabelled``) and before the losses and labellers moved beside their
-    methods. If one changes, every stage cached until then is recomputed: bump a version on purpose instead."""
-    cfg = resolve_config("intrada")
+    methods. If one changes, every stage cached until then is recomputed: bump a version on purpose instead.
+    ``train.bn_stats: mixed`` is how every stage computed before the key existed, so it keeps their keys; the
+    default (``target``) computes the two-domain stages otherwise, so their keys, and those downstream, differ."""
+    cfg = resolve_config("intrada", {"train.bn_stats": "mixed"})
     plan = plan_of(cfg)
     upstream = None
-    for stage in plan:  # source_only → inter → rank → intra, the default config
+    for stage in plan:  # source_only → inter → rank → intra, the default config of before
         upstream = stage_key(stage, stage_slice(cfg, stage), upstream)
     assert upstream == "d969d0a91084d842"
+    default, keys, before = resolve_config("intrada"), {}, None
+    for stage in plan:
+        before = keys[stage.name] = stage_key(stage, stage_slice(default, stage), before)
+    assert keys["source_only"] == stage_key(plan[0], stage_slice(cfg, plan[0]), None) and keys["intra"] != upstream
     intra, cra = plan[3], plan_of(resolve_config("cra"))[3]  # two slots set; the unlabelled one None
     assert stage_key(intra, ConfigSlice({"params": {"w_adv": 0.001}}, "intra"), "0123456789abcdef") == \
         "679a33cbba09c198"
