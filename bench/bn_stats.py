@@ -25,14 +25,12 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from noise import miou_of, per_image_confusions  # noqa: E402
+from noise import final_model, miou_of, per_image_confusions  # noqa: E402
 
 from rayuda.data import open_dataset  # noqa: E402
 from rayuda.data.transforms import config_transform  # noqa: E402
-from rayuda.engine.checkpoint import load_checkpoint  # noqa: E402
 from rayuda.engine.pipeline import holdout_parts  # noqa: E402
 from rayuda.methods import resolve_config  # noqa: E402
-from rayuda.models import build_segmenter  # noqa: E402
 
 
 @torch.no_grad()
@@ -66,8 +64,7 @@ def main(argv=None) -> int:
     print("| model | test mIoU as trained | with target-only BatchNorm statistics | difference |")
     print("|---|---|---|---|")
     for folder in args.models:
-        model = build_segmenter(cfg["model"], classes)
-        model.load_state_dict(load_checkpoint(Path(folder) / "model.pt"))
+        model = final_model(Path(folder), cfg, classes)
         before = miou_of(per_image_confusions(model, test, classes))
         target_statistics(model, train, args.batch_size)
         after = miou_of(per_image_confusions(model, test, classes))
