@@ -158,7 +158,8 @@ def stage_dir_of(cache: Path, name: str, iters: int) -> Path:
 
 
 def _interrupted_copy(tmp: Path) -> Path:
-    """The 40-iteration minent stage turned back into an interrupted one (its checkpoint at the end)."""
+    """The 40-iteration minent stage turned back into an interrupted one. A done stage keeps no checkpoint, so it
+    resumes from iteration 0 and must drop the lines logged before (a stage killed before its first checkpoint)."""
     done = stage_dir_of(tmp / "cache", "minent", 40)
     partial = done.with_name(f".{done.name}.partial")
     shutil.copytree(done, partial)

@@ -3,6 +3,8 @@ float16 loss scale across a resume."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -31,20 +33,36 @@ def test_no_average_at_decay_zero():
     assert weight_average(nn.Linear(1, 1), 0.0) is None
 
 
+def stop_at(iteration: int):
+    """A report hook that interrupts the stage at its evaluation of ``iteration`` (after that evaluation's
+    checkpoint is written, so the unfinished stage's folder holds it)."""
+    def hook(metrics, report_dir):
+        if metrics["iteration"] == iteration and not metrics.get("replayed"):
+            raise Interrupt
+    return hook
+
+
+def unfinished(cache: Path, stage: str) -> Path:
+    return next(cache.glob(f".{stage}-*.partial"))
+
+
 def test_a_stage_with_an_average_evaluates_and_hands_on_the_average_not_the_raw_weights(tmp_path):
+    cfg = tiny("advent", **{"train.ema": 0.5})
     plain = run_pipeline(tiny("advent"), tmp_path / "plain", cache_dir=tmp_path / "cache")
-    averaged = run_pipeline(tiny("advent", **{"train.ema": 0.5}), tmp_path / "ema", cache_dir=tmp_path / "cache")
+    with pytest.raises(Interrupt):  # stopped at the first evaluation: the checkpoint holds raw weights and average
+        run_pipeline(cfg, tmp_path / "ema", report=stop_at(3), cache_dir=tmp_path / "cache")
+    partial = unfinished(tmp_path / "cache", "advent")
+    state = torch.load(partial / "checkpoint.pt", weights_only=True)
+    raw, evaluated = state["model"], torch.load(partial / "report" / "model.pt", weights_only=True)
+    assert any(not torch.equal(raw[k], evaluated[k]) for k in raw if raw[k].is_floating_point())
+    assert all(torch.equal(state["ema"][f"module.{k}"], evaluated[k]) for k in evaluated)
+    averaged = run_pipeline(cfg, tmp_path / "ema", cache_dir=tmp_path / "cache")
     # the average reaches back to the warm start: the source-only stage differs too (train.ema is in its key)
     assert stage_dir(plain, "source_only") != stage_dir(averaged, "source_only")
     a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)
     assert set(a) == set(b)  # the same architecture: the average's weights load into a plain G
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
-    state = torch.load(stage_dir(averaged, "advent") / "checkpoint.pt", weights_only=True)
-    raw = state["model"]
-    saved = torch.load(stage_dir(averaged, "advent") / "model.pt", weights_only=True)
-    assert any(not torch.equal(raw[k], saved[k]) for k in raw if raw[k].is_floating_point())
-    assert all(torch.equal(state["ema"][f"module.{k}"], saved[k]) for k in saved)
 
 
 def test_resuming_a_stage_with_an_average_gives_the_uninterrupted_result(tmp_path):
@@ -79,16 +97,16 @@ def test_resuming_under_float16_amp_restores_the_loss_scale(tmp_path, monkeypatc
 
     monkeypatch.setattr(accel, "amp_dtype", lambda train, device: torch.float16)
     cfg = tiny("advent")
-    run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a")
-
-    def stop(metrics, report_dir):
-        raise Interrupt
-
+    # a done stage keeps no checkpoint: both runs stop at the last evaluation, whose checkpoint is then kept
     with pytest.raises(Interrupt):
-        run_pipeline(cfg, tmp_path / "resumed", report=stop, cache_dir=tmp_path / "cache-b")
-    resumed = run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache-b")
-    states = [torch.load(stage_dir(summary, "advent") / "checkpoint.pt", weights_only=True)
-              for summary in (run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a"), resumed)]
+        run_pipeline(cfg, tmp_path / "straight", report=stop_at(6), cache_dir=tmp_path / "cache-a")
+    with pytest.raises(Interrupt):
+        run_pipeline(cfg, tmp_path / "resumed", report=stop_at(3), cache_dir=tmp_path / "cache-b")
+    with pytest.raises(Interrupt):
+        run_pipeline(cfg, tmp_path / "resumed", report=stop_at(6), cache_dir=tmp_path / "cache-b")
+    states = [torch.load(unfinished(tmp_path / cache, "advent") / "checkpoint.pt", weights_only=True)
+              for cache in ("cache-a", "cache-b")]
+    assert [state["iteration"] for state in states] == [6, 6]
     straight_scaler, resumed_scaler = (state["scaler"] for state in states)
     assert straight_scaler is not None and straight_scaler["scale"] > 1
     assert straight_scaler == resumed_scaler

@@ -57,9 +57,12 @@ def test_resume_inside_the_last_stage_of_a_four_stage_plan_continues_identically
     with pytest.raises(Interrupt):  # killed inside stage 4 (intra), after its checkpoint at iteration 3
         run_pipeline(cfg, tmp_path / "resumed", report=stop_at_first_eval, cache_dir=tmp_path / "cache-b")
     partial = next((tmp_path / "cache-b").glob(".intra-*.partial"))
-    assert len(losses(partial)) == 3
+    assert len(losses(partial)) == 3 and (partial / "checkpoint.pt").exists()
     resumed = run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache-b")
     assert [s["cache"] for s in resumed["stages"]] == ["hit", "hit", "hit", "miss"]
+    # done stages keep their models, not their resume state (three models' size each)
+    done = [Path(s["dir"]) for s in resumed["stages"] if s["kind"] == "train"]
+    assert all((d / "model.pt").exists() and not (d / "checkpoint.pt").exists() for d in done)
     assert losses(stage_dir(resumed, "intra")) == losses(stage_dir(straight, "intra"))
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
@@ -141,7 +144,7 @@ def test_train_cli_writes_config_summary_and_checkpoint(tmp_path):
     assert summary["iterations"] == 4 and summary["selection_metric"] == "miou"
     assert [s["stage"] for s in summary["stages"]] == ["source_only", "advent"]
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
-    assert (out / "best_model.pt").exists() and (stage_dir(summary, "advent") / "checkpoint.pt").exists()
+    assert (out / "best_model.pt").exists() and (stage_dir(summary, "advent") / "model.pt").exists()
     assert "[stage 2/2 advent]" in done.stdout
     # a finished --out gives its summary back without training; another config there is refused
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

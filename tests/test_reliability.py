@@ -136,17 +136,22 @@ def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path, capsys):
     assert "torn line" in capsys.readouterr().out
 
 
+class Interrupt(Exception):
+    pass
+
+
 def interrupted_stage(tmp_path: Path) -> tuple[dict, Path]:
-    """A finished tiny source-only run whose stage is turned back into an interrupted one (a checkpoint at 2)."""
+    """A tiny source-only run interrupted at its first evaluation (iteration 2 of 4): its unfinished stage's folder
+    holds the checkpoint written there."""
     settings = {k: v for k, v in TINY.items() if not k.startswith("stages.minent")}
     cfg = resolve_config("source_only", {**settings, "stages.source_only.iters": 4})
-    summary = run_pipeline(cfg, tmp_path / "run", cache_dir=tmp_path / "c")
-    done = Path(summary["stages"][0]["dir"])
-    partial = done.with_name(f".{done.name}.partial")
-    done.rename(partial)
-    (partial / "stage.yaml").unlink()
-    shutil.rmtree(tmp_path / "run")
-    return cfg, partial
+
+    def stop(metrics, report_dir):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_pipeline(cfg, tmp_path / "run", report=stop, cache_dir=tmp_path / "c")
+    return cfg, next((tmp_path / "c").glob(".source_only-*.partial"))
 
 
 def test_a_bad_checkpoint_names_its_file_and_an_orphan_tmp_is_removed_on_resume(tmp_path):
@@ -161,6 +166,18 @@ def test_a_bad_checkpoint_names_its_file_and_an_orphan_tmp_is_removed_on_resume(
     orphan.write_bytes(b"x" * 1000)
     summary = run_pipeline(cfg, tmp_path / "run", cache_dir=tmp_path / "c")
     assert not orphan.exists() and summary["iterations"] == 4
+
+
+def test_a_stage_killed_before_its_first_checkpoint_restarts_with_clean_logs(tmp_path):
+    cfg, partial = interrupted_stage(tmp_path)
+    (partial / "checkpoint.pt").unlink()  # as if killed after logging iterations 1-2, before the checkpoint
+    with open(partial / "log.jsonl", "a") as handle:
+        handle.write('{"iteration": 3, "se')  # and mid-append
+    summary = run_pipeline(cfg, tmp_path / "run", cache_dir=tmp_path / "c")
+    stage = Path(summary["stages"][0]["dir"])
+    logged = [json.loads(line)["iteration"] for line in (stage / "log.jsonl").read_text().splitlines()]
+    evaluated = [json.loads(line)["iteration"] for line in (stage / "evals.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4] and evaluated == [2, 4]
 
 
 def test_nonfinite_loss_is_raised_by_the_engine(tmp_path):

@@ -32,14 +32,18 @@ def file_lock(path: Path):
 
 
 def cached_stage(
-    cache_dir: Path, name: str, key: str, record: dict[str, Any], compute: Callable[[Path], dict[str, Any]]
+    cache_dir: Path, name: str, key: str, record: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
+    scratch: tuple[str, ...] = (),
 ) -> tuple[Path, bool]:
     """Return ``(directory, hit)`` of stage ``name`` with ``key``, computing it if needed.
 
     ``compute(work_dir)`` writes the stage's files into ``work_dir`` and returns a small dict of facts,
     saved with ``record`` (what the key was made of) and the seconds it took in ``stage.yaml``, the
     done-marker. An interrupted computation keeps its work directory, so a stage that checkpoints
-    resumes instead of starting over — whichever trial picks it up next.
+    resumes instead of starting over — whichever trial picks it up next. The files named in ``scratch`` (a train
+    stage's resume checkpoint: weights, optimiser moments, discriminators, the average, about three models' size)
+    serve only that resume and are deleted once the stage is done; deleted after the stage is marked done, so a
+    crash in between leaves a stray file, never an unfinished stage without its checkpoint.
     """
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{key}"
@@ -57,6 +61,8 @@ def cached_stage(
         if final.exists():
             shutil.rmtree(final)
         work.rename(final)
+    for leftover in scratch:
+        (final / leftover).unlink(missing_ok=True)
     return final, False
 
 

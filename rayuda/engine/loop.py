@@ -30,6 +30,10 @@ from rayuda.validators import probe_validators
 #: (``None`` when a cached stage's evaluations are replayed).
 Report = Callable[[dict[str, Any], Path | None], None]
 
+#: A train stage's resume state (weights, optimisers, method state, average, loss scale, RNG), in its work folder
+#: while it runs; the stage cache deletes it once the stage is done (``model.pt``/``best_model.pt`` are its output).
+RESUME_STATE = "checkpoint.pt"
+
 
 @dataclass
 class Runtime:
@@ -163,7 +167,7 @@ class StageTraining:
         self.g_rates = [group["lr"] for group in self.ctx.opt_g.param_groups]
         self.evaluated = data.holdout is not None
         self.eval_every = int(config["train"]["eval_every"]) if self.evaluated else 0
-        self.state_path, self.log_path = work_dir / "checkpoint.pt", work_dir / "log.jsonl"
+        self.state_path, self.log_path = work_dir / RESUME_STATE, work_dir / "log.jsonl"
         self.evals_path = work_dir / "evals.jsonl"
         self.best: dict[str, Any] = {"best_score": float("-inf"), "best_iteration": 0}
         self.window: list[dict[str, float]] = []  # losses read since the last printed line
@@ -174,7 +178,9 @@ class StageTraining:
         the evaluations made before the interruption; the iteration to start from."""
         for orphan in self.work_dir.glob(".*.tmp"):  # left by a process killed while saving (atomic_save)
             orphan.unlink(missing_ok=True)
-        if not self.state_path.exists():
+        if not self.state_path.exists():  # killed before its first checkpoint: lines logged before it go
+            _truncate(self.log_path, 0)
+            _truncate(self.evals_path, 0)
             return 0
         ctx, state = self.ctx, read_checkpoint(self.state_path)
         self.model.load_state_dict(state["model"])

@@ -32,7 +32,7 @@ from rayuda.engine.accel import pick_device
 from rayuda.engine.cache import cached_stage, stage_record
 from rayuda.engine.checkpoint import load_checkpoint, seed_everything
 from rayuda.engine.evaluate import AUTO, SELECTION_METRICS, evaluate, resolve_metric
-from rayuda.engine.loop import Report, Runtime, StageData, train_stage
+from rayuda.engine.loop import RESUME_STATE, Report, Runtime, StageData, train_stage
 from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
 from rayuda.engine.plan import (
     LEGACY_BN_STATS,
@@ -489,7 +489,7 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
     print(f"{tag} key {key}", flush=True)
     stage_dir, hit = cached_stage(cache_dir, stage.name, key,
                                   {"identity": stage_identity(stage), "config": slc.plain(), "upstream": upstream},
-                                  compute)
+                                  compute, scratch=(RESUME_STATE,) if stage.kind == "train" else ())
     if hit and stage.reported:
         _replay(run, stage_dir, offset, out_dir, stage_report)
     recorded = stage_record(stage_dir)
