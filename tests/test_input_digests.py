@@ -107,3 +107,27 @@ def test_a_fixed_label_recomputes_the_stage_and_refuses_the_old_run_folder(tmp_p
     assert fixed["inputs"]["target"] != first["inputs"]["target"]
     moved = run_pipeline(cfg, out, cache_dir=cache, force_new=True)  # --force-new moves the old run aside
     assert moved["stages"][0]["cache"] == "hit" and (tmp_path / "run.old-1" / "summary.json").exists()
+
+
+def make_cityscapes(root: Path) -> Path:
+    """A ``cityscapes:`` layout with two labelled images in ``train`` and one in ``val``."""
+    for split, names in (("train", ("a", "b")), ("val", ("c",))):
+        (root / "leftImg8bit" / split / "town").mkdir(parents=True)
+        (root / "gtFine" / split / "town").mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (64, 32), (90, 90, 160)).save(root / "leftImg8bit" / split / "town" /
+                                                           f"{name}_leftImg8bit.png")
+            Image.new("L", (64, 32), 7).save(root / "gtFine" / split / "town" / f"{name}_gtFine_labelIds.png")
+    return root
+
+
+def test_only_the_splits_a_run_reads_are_digested(tmp_path):
+    """The source's train images, the target's train and val: a change to the source's unread val split keeps
+    every key; the same change to the target's holdout does not."""
+    spec = f"cityscapes:{make_cityscapes(tmp_path / 'cs')}"
+    as_source = resolve_config("source_only", {"source": spec})
+    as_target = resolve_config("source_only", {"target": spec})
+    before = input_digests(as_source)["source"], input_digests(as_target)["target"]
+    relabel(tmp_path / "cs" / "gtFine" / "val" / "town" / "c_gtFine_labelIds.png", 26)
+    assert input_digests(as_source)["source"] == before[0]
+    assert input_digests(as_target)["target"] != before[1]

@@ -267,10 +267,15 @@ BOOKKEEPING = ("train.log_every", "train.num_masks", "data.num_workers", "train.
 LEGACY = {"data.eval_protocol": LEGACY_EVAL_PROTOCOL, "train.bn_stats": LEGACY_BN_STATS}
 
 
+#: The (role, split) of every dataset a run reads: the source's training images, the target's training images and
+#: its holdout. :func:`check_inputs` verifies exactly these and :func:`input_digests` digests exactly these.
+READ_SPLITS = (("source", "train"), ("target", "train"), ("target", "val"))
+
+
 def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> list[BadPair]:
     """What can fail without training, checked before anything is written or computed: G builds (backbone,
-    ``model.init`` readable as a state dict that fits it), and every image and label of the source, the target
-    and its holdout decodes (:func:`rayuda.data.verify.verify_pairs`, remembered per file).
+    ``model.init`` readable as a state dict that fits it), and every image and label of :data:`READ_SPLITS`
+    decodes (:func:`rayuda.data.verify.verify_pairs`, remembered per file).
 
     Image/label pairs of different sizes are refused in one line naming them (``data.bad_pairs: refuse``) or,
     with ``skip``, returned — each file once, whichever datasets hold it — for the run to leave out."""
@@ -279,8 +284,8 @@ def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> list[BadPair]:
     except (ValueError, OSError, RuntimeError) as err:
         raise ConfigError(f"model: {err}") from None
     bad: dict[str, BadPair] = {}
-    for spec, split, role in ((cfg["source"], "train", "source"), (cfg["target"], "train", "target"),
-                              (cfg["target"], "val", "target")):
+    for role, split in READ_SPLITS:
+        spec = cfg[role]
         _, found = verify_pairs(open_dataset(spec, split, role=role, protocol=cfg["protocol"]),
                                 f"{role} {split} {spec}")
         for pair in found:
@@ -291,18 +296,21 @@ def check_inputs(cfg: dict[str, Any], class_names: list[str]) -> list[BadPair]:
 
 
 def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
-    """Digests of the files the config names, by the key naming them: ``source`` and ``target`` (every file
-    of both splits, :func:`rayuda.data.verify.content_digest`) and ``model`` (``model.init``'s weights file: its
-    size and modification time). They enter the stage keys (:func:`rayuda.engine.plan.stage_slice`) and
-    ``summary.json``. minicity is generated from its spec, which the keys hold already, so it has none, nor have
-    ``init: random`` and ``imagenet``; so the keys of runs on them are those from before digests existed."""
+    """Digests of the files the config names, by the key naming them: ``source`` and ``target`` (every file of
+    the splits a run reads, :data:`READ_SPLITS`, :func:`rayuda.data.verify.content_digest`; a split whose files
+    are another's counts once) and ``model`` (``model.init``'s weights file: its size and modification time). They
+    enter the stage keys (:func:`rayuda.engine.plan.stage_slice`) and ``summary.json``. minicity is generated from
+    its spec, which the keys hold already, so it has none, nor have ``init: random`` and ``imagenet``; so the keys
+    of runs on them are those from before digests existed."""
     out: dict[str, str] = {}
     for key in ("source", "target"):
         spec = str(cfg[key])
         if spec.partition(":")[0] != "minicity":
-            train, val = (open_dataset(spec, split, role=key, protocol=cfg["protocol"]) for split in ("train", "val"))
-            parts = [content_digest(train), *([content_digest(val)] if val.files != train.files else [])]
-            out[key] = hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+            parts: dict[tuple[str, ...], str] = {}
+            for split in (split for role, split in READ_SPLITS if role == key):
+                dataset = open_dataset(spec, split, role=key, protocol=cfg["protocol"])
+                parts.setdefault(tuple(dataset.files), content_digest(dataset))
+            out[key] = hashlib.sha256("".join(parts.values()).encode()).hexdigest()[:16]
     init = cfg["model"].get("init", "random")
     if isinstance(init, str) and init not in ("random", "imagenet") and Path(init).is_file():  # else: check_inputs
         st = Path(init).stat()
