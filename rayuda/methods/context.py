@@ -28,11 +28,16 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
         param.requires_grad_(flag)
 
 
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """``model``'s BatchNorm layers."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextmanager
-def running_statistics_held(model: nn.Module) -> Iterator[None]:
-    """Inside: ``model``'s BatchNorm layers in train mode normalise with the batch's statistics as usual, but
-    their running statistics do not move (momentum 0; restored on exit)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+def running_statistics_held(norms: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """Inside: the BatchNorm layers ``norms`` (:func:`batch_norms`) normalise with the batch's statistics as
+    usual in train mode, but their running statistics do not move (momentum 0; restored on exit). In eval mode
+    they read the running statistics and move nothing anyway."""
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.momentum = 0.0
@@ -74,6 +79,8 @@ class TrainContext:
     #: this iteration's source images when ``train.bn_stats`` is ``target`` (set by the engine): their forward
     #: passes normalise with their own batch statistics but leave BatchNorm's running ones to the target's
     held_images: torch.Tensor | None = None
+    #: G's BatchNorm layers, which a forward on :attr:`held_images` holds (found at the first such forward)
+    held_norms: list[nn.Module] | None = None
 
     @property
     def levels(self) -> list[str]:
@@ -101,9 +108,11 @@ class TrainContext:
         """One forward pass of G: logits of every level and the intermediate features. A pass on
         :attr:`held_images` leaves BatchNorm's running statistics as they were."""
         held = images is self.held_images
+        if held and self.held_norms is None:  # the model's layers, found once per stage (not per iteration)
+            self.held_norms = batch_norms(self.model)
         if self.memory_format is not None:
             images = images.contiguous(memory_format=self.memory_format)
-        with self.autocast(), (running_statistics_held(self.model) if held else nullcontext()):
+        with self.autocast(), (running_statistics_held(self.held_norms) if held else nullcontext()):
             return (self.model if self.compiled is None else self.compiled)(images)
 
     def logits(self, output, level: str, size: tuple[int, int]) -> torch.Tensor:
