@@ -306,7 +306,7 @@ def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
     for key in ("source", "target"):
         spec = str(cfg[key])
         if spec.partition(":")[0] != "minicity":
-            parts: dict[tuple[str, ...], str] = {}
+            parts: dict[tuple, str] = {}  # by file list: a split with the same files as another counts once
             for split in (split for role, split in READ_SPLITS if role == key):
                 dataset = open_dataset(spec, split, role=key, protocol=cfg["protocol"])
                 parts.setdefault(tuple(dataset.files), content_digest(dataset))
