@@ -3,8 +3,6 @@ float16 loss scale across a resume."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -12,7 +10,7 @@ from torch import nn
 from rayuda.config import ConfigError
 from rayuda.engine import run_pipeline
 from rayuda.engine.loop import weight_average
-from tests.test_engine import Interrupt, stage_dir, tiny
+from tests.test_engine import Interrupt, stage_dir, stop_at, tiny, unfinished
 
 
 def test_the_average_follows_decay_times_old_plus_the_rest_times_new():
@@ -31,19 +29,6 @@ def test_the_average_follows_decay_times_old_plus_the_rest_times_new():
 
 def test_no_average_at_decay_zero():
     assert weight_average(nn.Linear(1, 1), 0.0) is None
-
-
-def stop_at(iteration: int):
-    """A report hook that interrupts the stage at its evaluation of ``iteration`` (after that evaluation's
-    checkpoint is written, so the unfinished stage's folder holds it)."""
-    def hook(metrics, report_dir):
-        if metrics["iteration"] == iteration and not metrics.get("replayed"):
-            raise Interrupt
-    return hook
-
-
-def unfinished(cache: Path, stage: str) -> Path:
-    return next(cache.glob(f".{stage}-*.partial"))
 
 
 def test_a_stage_with_an_average_evaluates_and_hands_on_the_average_not_the_raw_weights(tmp_path):
@@ -68,12 +53,8 @@ def test_a_stage_with_an_average_evaluates_and_hands_on_the_average_not_the_raw_
 def test_resuming_a_stage_with_an_average_gives_the_uninterrupted_result(tmp_path):
     cfg = tiny("advent", **{"train.ema": 0.7})
     straight = run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a")
-
-    def stop(metrics, report_dir):
-        raise Interrupt
-
     with pytest.raises(Interrupt):  # stopped at the first evaluation, after its checkpoint
-        run_pipeline(cfg, tmp_path / "resumed", report=stop, cache_dir=tmp_path / "cache-b")
+        run_pipeline(cfg, tmp_path / "resumed", report=stop_at(3), cache_dir=tmp_path / "cache-b")
     resumed = run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache-b")
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)

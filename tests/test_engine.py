@@ -44,19 +44,30 @@ def losses(run_dir: Path) -> list[dict]:
 
 
 class Interrupt(Exception):
-    pass
+    """Raised by a report hook to kill a run, as a SIGKILL between two evaluations would."""
+
+
+def stop_at(iteration: int):
+    """A report hook that interrupts the reported stage at its evaluation of ``iteration`` (after that evaluation's
+    checkpoint is written, so the unfinished stage's folder holds it)."""
+    def hook(metrics, report_dir):
+        if metrics["iteration"] == iteration and not metrics.get("replayed"):
+            raise Interrupt
+    return hook
+
+
+def unfinished(cache: Path, stage: str) -> Path:
+    """The folder of ``stage``'s unfinished run in ``cache`` (a finished stage is renamed to its key)."""
+    return next(cache.glob(f".{stage}-*.partial"))
 
 
 def test_resume_inside_the_last_stage_of_a_four_stage_plan_continues_identically(tmp_path):
     cfg = tiny("intrada", **{"params.rank.lambda": 0.5})
     straight = run_pipeline(cfg, tmp_path / "straight", cache_dir=tmp_path / "cache-a")
 
-    def stop_at_first_eval(metrics, report_dir):
-        raise Interrupt
-
     with pytest.raises(Interrupt):  # killed inside stage 4 (intra), after its checkpoint at iteration 3
-        run_pipeline(cfg, tmp_path / "resumed", report=stop_at_first_eval, cache_dir=tmp_path / "cache-b")
-    partial = next((tmp_path / "cache-b").glob(".intra-*.partial"))
+        run_pipeline(cfg, tmp_path / "resumed", report=stop_at(3), cache_dir=tmp_path / "cache-b")
+    partial = unfinished(tmp_path / "cache-b", "intra")
     assert len(losses(partial)) == 3 and (partial / "checkpoint.pt").exists()
     resumed = run_pipeline(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache-b")
     assert [s["cache"] for s in resumed["stages"]] == ["hit", "hit", "hit", "miss"]

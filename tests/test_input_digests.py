@@ -131,3 +131,24 @@ def test_only_the_splits_a_run_reads_are_digested(tmp_path):
     relabel(tmp_path / "cs" / "gtFine" / "val" / "town" / "c_gtFine_labelIds.png", 26)
     assert input_digests(as_source)["source"] == before[0]
     assert input_digests(as_target)["target"] != before[1]
+
+
+def test_the_checks_before_compute_list_each_dataset_once(tmp_path, monkeypatch):
+    """``input_digests`` and ``check_inputs`` share the datasets :func:`open_inputs` opened (a folder of 25,000
+    pairs takes ~0.7 s to list): the target's training folder is opened without a transform once per run (the
+    training and the probe open it again, with their transforms)."""
+    import rayuda.engine.pipeline as pipeline
+
+    untransformed = []
+
+    def spy(spec, split, **kw):
+        if kw.get("transform") is None:
+            untransformed.append((spec, split))
+        return open_dataset(spec, split, **kw)
+
+    monkeypatch.setattr(pipeline, "open_dataset", spy)
+    spec = f"folder:{make_folder(tmp_path / 'mine')}"
+    summary = run_pipeline(resolve_config("source_only", {**TINY, "target": spec}), tmp_path / "run",
+                           cache_dir=tmp_path / "cache")
+    assert set(summary["inputs"]) == {"target"} and summary["stages"][0]["cache"] == "miss"
+    assert untransformed.count((spec, "train")) == 1  # was 3: the digests, the preflight and check_inputs each

@@ -20,6 +20,7 @@ from rayuda.engine import run_pipeline
 from rayuda.engine.loop import NonFiniteLoss, _truncate
 from rayuda.hpo.searcher import JOURNAL, load_search_study
 from rayuda.methods import resolve_config
+from tests.test_engine import Interrupt, stop_at, unfinished
 
 TINY = {"data.size": [32, 64], "data.batch_size": 2, "data.holdout": 4, "train.eval_every": 2,
         "train.log_every": 1, "stages.source_only.iters": 2, "stages.minent.iters": 2}
@@ -122,8 +123,7 @@ def test_a_diverging_run_stops_at_the_bad_iteration_with_one_error_line(tmp_path
     line = error_lines(proc)[0]
     assert "stage minent" in line and "at iteration" in line and "Traceback" not in proc.stderr
     iteration = int(line.split("at iteration ")[1].split()[0])
-    log = tmp_path / "c" / next(p.name for p in (tmp_path / "c").iterdir()
-                                if p.name.startswith(".minent-") and p.name.endswith(".partial"))
+    log = unfinished(tmp_path / "c", "minent")
     rows = [json.loads(x) for x in (log / "log.jsonl").read_text().splitlines()]
     assert max(r["iteration"] for r in rows) <= iteration  # nothing logged past the divergence
 
@@ -136,22 +136,14 @@ def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path, capsys):
     assert "torn line" in capsys.readouterr().out
 
 
-class Interrupt(Exception):
-    pass
-
-
 def interrupted_stage(tmp_path: Path) -> tuple[dict, Path]:
     """A tiny source-only run interrupted at its first evaluation (iteration 2 of 4): its unfinished stage's folder
     holds the checkpoint written there."""
     settings = {k: v for k, v in TINY.items() if not k.startswith("stages.minent")}
     cfg = resolve_config("source_only", {**settings, "stages.source_only.iters": 4})
-
-    def stop(metrics, report_dir):
-        raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_pipeline(cfg, tmp_path / "run", report=stop, cache_dir=tmp_path / "c")
-    return cfg, next((tmp_path / "c").glob(".source_only-*.partial"))
+        run_pipeline(cfg, tmp_path / "run", report=stop_at(2), cache_dir=tmp_path / "c")
+    return cfg, unfinished(tmp_path / "c", "source_only")
 
 
 def test_a_bad_checkpoint_names_its_file_and_an_orphan_tmp_is_removed_on_resume(tmp_path):
@@ -184,7 +176,7 @@ def test_nonfinite_loss_is_raised_by_the_engine(tmp_path):
     cfg = resolve_config("minent", {**TINY, "stages.minent.lr": 1.0e12, "stages.minent.iters": 6})
     with pytest.raises(NonFiniteLoss, match="at iteration"):
         run_pipeline(cfg, tmp_path / "run", cache_dir=tmp_path / "c")
-    partial = next((tmp_path / "c").glob(".minent-*.partial"))
+    partial = unfinished(tmp_path / "c", "minent")
     assert not (partial / "model.pt").exists()  # the stage is not marked done
 
 

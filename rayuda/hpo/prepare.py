@@ -151,18 +151,22 @@ def check_data(configs: dict[str, dict[str, Any]], auto: bool) -> list:
     """What ``run_pipeline`` checks before any compute, once for the whole search: each method's plan with its
     selection metric and evaluation protocol resolved, the data specs, the holdout, and every input (G builds,
     every image and label decodes). Returns the bad pairs ``data.bad_pairs=skip`` drops."""
-    from rayuda.data import open_dataset
     from rayuda.engine.pipeline import (
         check_inputs,
         describe_holdout,
         dropped_lines,
+        open_inputs,
         resolve_eval_protocol,
         resolve_selection_metric,
     )
 
     cfg = next(iter(configs.values()))
-    class_names = list(open_dataset(cfg["source"], "train", role="source", protocol=cfg["protocol"]).class_names)
-    open_dataset(cfg["target"], "train", role="target", protocol=cfg["protocol"])
+    opened = {}  # the datasets a run reads, listed once per (source, target, protocol) of the search's methods
+    for method_cfg in configs.values():
+        names = (method_cfg["source"], method_cfg["target"], method_cfg["protocol"])
+        if names not in opened:
+            opened[names] = open_inputs(method_cfg)
+    class_names = list(next(iter(opened.values()))[("source", "train")].class_names)
     requested = cfg["train"]["metric"]
     for method_cfg in configs.values():
         metric = resolve_selection_metric(method_cfg)  # `auto` → what it means for this target, in every trial
@@ -174,7 +178,8 @@ def check_data(configs: dict[str, dict[str, Any]], auto: bool) -> list:
     describe_holdout(cfg)  # refuses miou on a target without labels, an empty selection (before decoding)
     dropped = {}  # data.bad_pairs=skip: the image/label pairs of different sizes every trial leaves out
     for method_cfg in configs.values():
-        dropped.update({pair.image: pair for pair in check_inputs(method_cfg, class_names)})
+        datasets = opened[method_cfg["source"], method_cfg["target"], method_cfg["protocol"]]
+        dropped.update({pair.image: pair for pair in check_inputs(method_cfg, class_names, datasets)})
     dropped = list(dropped.values())
     if dropped:
         print("\n".join(dropped_lines(dropped)), flush=True)
