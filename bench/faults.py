@@ -130,14 +130,22 @@ def train_rows(tmp: Path) -> None:
     row("Ctrl-C during training", proc.returncode, err + out, lost=lost)
     row("… then the printed resume command", again if again else 1, lost="–")
 
-    # a torn last log line and an orphan .tmp from a SIGKILL during a checkpoint save, then a resume
+    # a torn last log line and an orphan .tmp from a SIGKILL during the stage's first checkpoint save: no checkpoint
+    # yet, so the stage restarts from iteration 0 with emptied logs
     stage = _interrupted_copy(tmp)
     with open(stage / "log.jsonl", "a") as handle:
         handle.write('{"iteration": 99, "ent')
     (stage / ".checkpoint.pt.dead.tmp").write_bytes(b"x" * 10_000)
     proc = run(["rayuda.train", "minent", "--out", str(tmp / "torn"), *cache, *slow], tmp)
-    row("torn last line of log.jsonl + orphan .tmp checkpoint, then resume", proc,
-        lost=f"0 (orphan {'removed' if not (stage / '.checkpoint.pt.dead.tmp').exists() else 'KEPT'})")
+    lost = "– (the rerun failed)"
+    if proc.returncode == 0:
+        done = stage_dir_of(tmp / "cache", "minent", 40)  # the interrupted folder, renamed once done
+        iterations = [json.loads(line)["iteration"] for line in (done / "log.jsonl").read_text().splitlines()]
+        orphan = "KEPT" if (done / ".checkpoint.pt.dead.tmp").exists() else "removed"
+        clean = "restarted clean" if iterations == sorted(set(iterations)) else "HOLDS OLD LINES"
+        lost = f"the stage so far (no checkpoint yet); orphan {orphan}; log {clean}"
+    row("killed during its first checkpoint save (torn log line, orphan .tmp), then rerun", proc,
+        lost=lost)
 
     good = stage_dir_of(tmp / "cache", "minent", 40)
     partial = good.with_name(f".{good.name}.partial")
