@@ -161,12 +161,8 @@ def check_data(configs: dict[str, dict[str, Any]], auto: bool) -> list:
     )
 
     cfg = next(iter(configs.values()))
-    opened = {}  # the datasets a run reads, listed once per (source, target, protocol) of the search's methods
-    for method_cfg in configs.values():
-        names = (method_cfg["source"], method_cfg["target"], method_cfg["protocol"])
-        if names not in opened:
-            opened[names] = open_inputs(method_cfg)
-    class_names = list(next(iter(opened.values()))[("source", "train")].class_names)
+    datasets = open_inputs(cfg)  # the command line and --config set the data for every method of the search
+    class_names = list(datasets[("source", "train")].class_names)
     requested = cfg["train"]["metric"]
     for method_cfg in configs.values():
         metric = resolve_selection_metric(method_cfg)  # `auto` → what it means for this target, in every trial
@@ -178,7 +174,6 @@ def check_data(configs: dict[str, dict[str, Any]], auto: bool) -> list:
     describe_holdout(cfg)  # refuses miou on a target without labels, an empty selection (before decoding)
     dropped = {}  # data.bad_pairs=skip: the image/label pairs of different sizes every trial leaves out
     for method_cfg in configs.values():
-        datasets = opened[method_cfg["source"], method_cfg["target"], method_cfg["protocol"]]
         dropped.update({pair.image: pair for pair in check_inputs(method_cfg, class_names, datasets)})
     dropped = list(dropped.values())
     if dropped:
