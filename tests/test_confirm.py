@@ -70,6 +70,18 @@ def test_a_candidate_wins_only_beyond_noise_and_the_minimum_gain():
     assert "trial c, +1.67" in verdict(noisy, min_gain=1.0)["text"]
 
 
+def test_a_losing_verdict_says_whether_the_best_challenger_is_noise_or_a_real_lead_below_the_bar():
+    """§33: a challenger ahead by 0.46 ± 0.08 on every seed is not seed noise; the verdict must not call it that."""
+    small_but_real = {DEFAULTS: {1: 0.1993, 2: 0.1918, 3: 0.1730}, "trial s": {1: 0.2032, 2: 0.1974, 3: 0.1774}}
+    result = verdict(small_but_real, min_gain=1.0)
+    assert result["winner"] == DEFAULTS and "keep the defaults" in result["text"]
+    assert "trial s, +0.46 ± 0.09, a real lead, above 2 SE = 0.10, but under --min-gain 1)" in result["text"]
+    noisy = {DEFAULTS: {1: 0.20, 2: 0.22, 3: 0.18}, "trial c": {1: 0.26, 2: 0.20, 3: 0.19}}
+    assert "trial c, +1.67 ± 4.04, within seed noise, 2 SE = 4.67)" in verdict(noisy, min_gain=1.0)["text"]
+    assert "real lead" in verdict(small_but_real, min_gain=0.5)["text"]  # 0.46 < 0.5 still under the bar
+    assert verdict(small_but_real, min_gain=0.4)["winner"] == "trial s"
+
+
 def test_confirmation_runs_that_start_together_train_different_seeds():
     """Ray starts the grid's runs in order: the first ones must be other seeds (each computes its own seed's shared
     stages), not two candidates of one seed (one of which would wait on the other's stage lock)."""

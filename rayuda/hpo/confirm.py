@@ -65,8 +65,8 @@ def verdict(scores: dict[str, dict[int, float]], min_gain: float = 1.0, what: st
         if name != DEFAULTS and diffs:
             row["gain"] = statistics.mean(diffs)
             row["gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else float("inf")
-            standard_error = row["gain_std"] / math.sqrt(len(diffs))
-            row["beats_defaults"] = row["gain"] >= min_gain and row["gain"] > 2 * standard_error
+            row["gain_2se"] = 2 * row["gain_std"] / math.sqrt(len(diffs))
+            row["beats_defaults"] = row["gain"] >= min_gain and row["gain"] > row["gain_2se"]
             if row["beats_defaults"] and (best is None or row["mean"] > best["mean"]):
                 best = row
         rows.append(row)
@@ -81,10 +81,18 @@ def verdict(scores: dict[str, dict[int, float]], min_gain: float = 1.0, what: st
             text = (f"no config other than the defaults finished the search, so none was compared; keep the "
                     f"defaults (their {what} over {n} fresh seeds above)")
         else:
-            text = (f"no config beat the defaults beyond seed noise over {n} fresh seeds (best: {top['config']}, "
-                    f"{top['gain']:+.2f} ± {top['gain_std']:.2f}); keep the defaults")
+            text = (f"no config beat the defaults by {min_gain:g} {what} beyond seed noise over {n} fresh seeds "
+                    f"(best: {top['config']}, {top['gain']:+.2f} ± {top['gain_std']:.2f}, {_how_far(top, min_gain)}); "
+                    f"keep the defaults")
         winner = DEFAULTS
     return {"rows": rows, "winner": winner, "text": text, "metric": what, "min_gain": min_gain}
+
+
+def _how_far(row: dict[str, Any], min_gain: float) -> str:
+    """Why a challenger that did not win did not: within seed noise, or a real lead under the minimum gain."""
+    if row["gain"] > row["gain_2se"]:
+        return f"a real lead, above 2 SE = {row['gain_2se']:.2f}, but under --min-gain {min_gain:g}"
+    return f"within seed noise, 2 SE = {row['gain_2se']:.2f}"
 
 
 def table_markdown(result: dict[str, Any]) -> str:
