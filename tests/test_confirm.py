@@ -82,6 +82,25 @@ def test_a_losing_verdict_says_whether_the_best_challenger_is_noise_or_a_real_le
     assert verdict(small_but_real, min_gain=0.4)["winner"] == "trial s"
 
 
+def test_a_confirmation_stopped_by_ctrl_c_is_interrupted_not_a_verdict_on_part_of_the_seeds(tmp_path):
+    """Session 15: Ctrl-C during the confirmation left Ray results without metrics, and the search died on a
+    KeyError instead of saving its state and printing the resume command."""
+    from ray.tune import Result
+
+    from rayuda.hpo.confirm import ConfirmationInterrupted, final_metrics
+
+    def result(**metrics):
+        return Result(metrics=metrics, checkpoint=None, error=None, path=str(tmp_path))
+
+    done = [result(candidate=DEFAULTS, seed=1, test_miou=0.2), result(candidate="trial t", seed=1, test_miou=0.21)]
+    assert final_metrics(done, runs=2) == {DEFAULTS: {1: done[0].metrics}, "trial t": {1: done[1].metrics}}
+    with pytest.raises(ConfirmationInterrupted, match="after 2 of its 4 runs"):
+        final_metrics([*done, result(), Result(metrics=None, checkpoint=None, error=None, path=str(tmp_path))], 4)
+    failed = Result(metrics={}, checkpoint=None, error=ValueError("boom"), path=str(tmp_path))
+    with pytest.raises(RuntimeError, match="a confirmation run failed: boom"):
+        final_metrics([*done, failed], runs=3)
+
+
 def test_confirmation_runs_that_start_together_train_different_seeds():
     """Ray starts the grid's runs in order: the first ones must be other seeds (each computes its own seed's shared
     stages), not two candidates of one seed (one of which would wait on the other's stage lock)."""

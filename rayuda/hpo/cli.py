@@ -132,6 +132,7 @@ def search(plan: SearchPlan, places: Places, connection: Connection, *, resume: 
     the search's MLflow run. Exit code: 0, 130 when interrupted (with the command that resumes it), 1 when every
     trial failed, 2 when a node cannot see the shared folders."""
     from rayuda.hpo import report
+    from rayuda.hpo.confirm import ConfirmationInterrupted
     from rayuda.hpo.tuner import run_search, start_ray, study_of
 
     print(f"rayuda.tune {plan.method}: {len(plan.space.knobs)} knobs from {plan.space.source}; "
@@ -155,8 +156,12 @@ def search(plan: SearchPlan, places: Places, connection: Connection, *, resume: 
         print(f"{count} of {len(rows)} trials failed: {reason}", file=sys.stderr)
     confirmation = None
     if plan.confirm is not None and not interrupted and report.scored_rows(rows):
-        confirmation = confirm(plan, places, rows)
-        artifacts.append(places.exp_dir / "confirmation.md")
+        try:
+            confirmation = confirm(plan, places, rows)
+            artifacts.append(places.exp_dir / "confirmation.md")
+        except ConfirmationInterrupted as stop:
+            print(f"{stop}: no verdict yet (its finished runs and stages are kept for the resume)", file=sys.stderr)
+            interrupted = True
     choice = report.choose(rows, plan, places, confirmation, interrupted)
     all_failed = bool(rows) and len(failed) == len(rows) and not interrupted
     status = "KILLED" if interrupted else "FAILED" if all_failed else "FINISHED"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,27 @@ def table_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n**Verdict:** {result['text']}\n"
 
 
+class ConfirmationInterrupted(Exception):
+    """The confirmation was stopped (Ctrl-C) before every run reported: there is no verdict to give."""
+
+
+def final_metrics(results: Iterable[Any], runs: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """Each confirmation run's final metrics by candidate and seed, from Ray's ``Result`` objects. A failed run
+    raises; a run stopped before it reported (Ray hands it back without metrics when the search is interrupted)
+    raises :class:`ConfirmationInterrupted` rather than a verdict on part of the seeds."""
+    finals: dict[str, dict[int, dict[str, Any]]] = {}
+    for result in results:
+        if result.error is not None:
+            raise RuntimeError(f"a confirmation run failed: {result.error}")
+        metrics = result.metrics or {}
+        if "candidate" in metrics:
+            finals.setdefault(metrics["candidate"], {})[int(metrics["seed"])] = metrics
+    done = sum(len(per_seed) for per_seed in finals.values())
+    if done < runs:
+        raise ConfirmationInterrupted(f"the confirmation was interrupted after {done} of its {runs} runs")
+    return finals
+
+
 @dataclass(frozen=True)
 class Confirmation:
     """The confirmation's outcome: the candidates it reran (name → knobs) and their :func:`verdict`."""
@@ -143,12 +165,7 @@ def confirmation_phase(setup: TrialSetup, rows: list[dict[str, Any]], defaults: 
                        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
                        run_config=tune.RunConfig(name="confirmation", storage_path=setup.work_root, verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=0)))
-    finals: dict[str, dict[int, dict[str, float]]] = {}
-    for result in tuner.fit():
-        if result.error is not None:
-            raise RuntimeError(f"a confirmation run failed: {result.error}")
-        m = result.metrics
-        finals.setdefault(m["candidate"], {})[int(m["seed"])] = m
+    finals = final_metrics(tuner.fit(), runs=len(chosen) * len(fresh))
     labelled = not any(math.isnan(m["test_miou"]) for runs in finals.values() for m in runs.values())
     key = "test_miou" if labelled else "score"
     scores = {name: {seed: m[key] for seed, m in runs.items()} for name, runs in finals.items()}
