@@ -90,10 +90,13 @@ def verdict(scores: dict[str, dict[int, float]], min_gain: float = 1.0, what: st
 
 
 def _how_far(row: dict[str, Any], min_gain: float) -> str:
-    """Why a challenger that did not win did not: within seed noise, or a real lead under the minimum gain."""
-    if row["gain"] > row["gain_2se"]:
+    """Why a challenger that did not win did not: within seed noise, a real lead under the minimum gain, or a real
+    loss."""
+    if abs(row["gain"]) <= row["gain_2se"]:
+        return f"within seed noise, 2 SE = {row['gain_2se']:.2f}"
+    if row["gain"] > 0:
         return f"a real lead, above 2 SE = {row['gain_2se']:.2f}, but under --min-gain {min_gain:g}"
-    return f"within seed noise, 2 SE = {row['gain_2se']:.2f}"
+    return f"a real loss, beyond 2 SE = {row['gain_2se']:.2f}"
 
 
 def table_markdown(result: dict[str, Any]) -> str:
