@@ -80,7 +80,8 @@ def test_a_losing_verdict_says_whether_the_best_challenger_is_noise_or_a_real_le
     assert "trial c, +1.67 ± 4.04, within seed noise, 2 SE = 4.67)" in verdict(noisy, min_gain=1.0)["text"]
     assert "real lead" in verdict(small_but_real, min_gain=0.5)["text"]  # 0.46 < 0.5 still under the bar
     assert verdict(small_but_real, min_gain=0.4)["winner"] == "trial s"
-    small_but_worse = {DEFAULTS: small_but_real["trial s"], "trial w": small_but_real[DEFAULTS]}  # a consistent loss, as §34b's
+    # a consistent loss, as §34b's
+    small_but_worse = {DEFAULTS: small_but_real["trial s"], "trial w": small_but_real[DEFAULTS]}
     assert "trial w, -0.46 ± 0.09, a real loss, beyond 2 SE = 0.10)" in verdict(small_but_worse, min_gain=1.0)["text"]
 
 
