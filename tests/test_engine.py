@@ -93,6 +93,20 @@ def test_source_stage_is_cached_across_runs_with_the_same_upstream_config(tmp_pa
     assert len(list(cache.glob("source_only-*"))) == 2
 
 
+def test_a_reported_source_only_run_serves_as_the_warm_start_of_an_adaptation_run(tmp_path):
+    reported = run_pipeline(tiny("source_only"), tmp_path / "so", cache_dir=tmp_path / "cache")
+    warm = run_pipeline(tiny("adaptsegnet"), tmp_path / "asn", cache_dir=tmp_path / "cache")
+    fresh = run_pipeline(tiny("adaptsegnet"), tmp_path / "alone", cache_dir=tmp_path / "fresh-cache")
+    assert warm["stages"][0]["cache"] == "hit" and fresh["stages"][0]["cache"] == "miss"
+    assert warm["stages"][0]["key"] == fresh["stages"][0]["key"] != reported["stages"][0]["key"]
+    assert warm["stages"][0]["trained_as"] == stage_dir(reported, "source_only").name
+    # filing it under the unreported key is right only if the evaluations leave the weights alone: bit for bit
+    trained = torch.load(stage_dir(reported, "source_only") / "model.pt", weights_only=True)
+    alone = torch.load(stage_dir(fresh, "source_only") / "model.pt", weights_only=True)
+    assert trained.keys() == alone.keys() and all(torch.equal(trained[k], alone[k]) for k in trained)
+    assert warm["miou"] == fresh["miou"]  # so the adaptation stage after it trains the same model too
+
+
 def test_report_hook_receives_metrics_and_checkpoint(tmp_path):
     seen = []
     run_pipeline(tiny("source_only", **{"stages.source_only.iters": 6}), tmp_path / "r", cache_dir=tmp_path / "c",

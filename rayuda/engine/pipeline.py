@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -509,6 +509,8 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
                                   compute, scratch=(RESUME_STATE,) if stage.kind == "train" else ())
     if hit and stage.reported:
         _replay(run, stage_dir, offset, out_dir, stage_report)
+    if stage.kind == "train" and stage.reported:
+        _file_as_unreported(run, stage, upstream, stage_dir, cache_dir)
     recorded = stage_record(stage_dir)
     seconds = round(time.time() - tic, 2)
     print(f"{tag} {'cache hit' if hit else 'computed'} in {seconds:.1f} s (computing it took "
@@ -519,6 +521,25 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
     return {"stage": stage.name, "kind": stage.kind, "key": key, "cache": "hit" if hit else "miss",
             "dir": str(stage_dir), "seconds": seconds, "compute_seconds": recorded["seconds"],
             **{k: v for k, v in recorded["facts"].items() if k != "iterations"}}
+
+
+def _file_as_unreported(run: PlanRun, stage: Stage, upstream: str | None, stage_dir: Path, cache_dir: Path) -> None:
+    """File a finished reported train stage's weights under the key the same stage has unreported, so a plan that
+    warm-starts from it finds it (``source_only`` reported, then ``adaptsegnet``'s source-only stage: the same
+    training, keyed apart by the evaluation keys). The evaluations read G and never change it, so the weights are
+    the ones the unreported stage would train (``tests/test_engine.py`` compares them bit for bit)."""
+    quiet = replace(stage, reported=False)
+    slc = stage_slice(run.cfg, quiet, run.inputs)
+    key = stage_key(quiet, slc, upstream)
+
+    def link(work_dir: Path) -> dict[str, Any]:
+        for name in ("model.pt", "log.jsonl"):
+            if (stage_dir / name).exists():
+                _link(stage_dir / name, work_dir / name)
+        return {"iterations": stage_record(stage_dir)["facts"]["iterations"], "trained_as": stage_dir.name}
+
+    cached_stage(cache_dir, stage.name, key, {"identity": stage_identity(quiet), "config": slc.plain(),
+                                              "upstream": upstream}, link)
 
 
 def _replay(run: PlanRun, stage_dir: Path, offset: int, out_dir: Path, stage_report) -> None:
