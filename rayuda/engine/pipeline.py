@@ -509,7 +509,7 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
                                   compute, scratch=(RESUME_STATE,) if stage.kind == "train" else ())
     if hit and stage.reported:
         _replay(run, stage_dir, offset, out_dir, stage_report)
-    if stage.kind == "train" and stage.reported:
+    if stage.kind == "train" and stage.reported and upstream is None:
         _file_as_unreported(run, stage, upstream, stage_dir, cache_dir)
     recorded = stage_record(stage_dir)
     seconds = round(time.time() - tic, 2)
@@ -524,10 +524,12 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
 
 
 def _file_as_unreported(run: PlanRun, stage: Stage, upstream: str | None, stage_dir: Path, cache_dir: Path) -> None:
-    """File a finished reported train stage's weights under the key the same stage has unreported, so a plan that
+    """File a finished reported first stage's weights under the key the same stage has unreported, so a plan that
     warm-starts from it finds it (``source_only`` reported, then ``adaptsegnet``'s source-only stage: the same
     training, keyed apart by the evaluation keys). The evaluations read G and never change it, so the weights are
-    the ones the unreported stage would train (``tests/test_engine.py`` compares them bit for bit)."""
+    the ones the unreported stage would train (``tests/test_engine.py`` compares them bit for bit). Only a plan's
+    first stage: it is every method's warm start, while a later reported stage (a trial's last) has no plan that
+    runs it unreported, and filing each trial's would only clutter the cache."""
     quiet = replace(stage, reported=False)
     slc = stage_slice(run.cfg, quiet, run.inputs)
     key = stage_key(quiet, slc, upstream)
