@@ -37,6 +37,7 @@ from rayuda.engine.passes import LABELS, STATS, pseudo_label_pass
 from rayuda.engine.plan import (
     LEGACY_BN_STATS,
     LEGACY_EVAL_PROTOCOL,
+    ConfigSlice,
     check_plan,
     holds_source_statistics,
     stage_identity,
@@ -471,8 +472,7 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
     (a non-reported train stage of 0 iterations is skipped). Returns the stage's record for the summary."""
     stage, cfg = plan[index], run.cfg
     last_reported = [s for s in plan if s.reported][-1]
-    slc = stage_slice(cfg, stage, run.inputs)
-    key = stage_key(stage, slc, upstream)
+    slc, key, record = _address(run, stage, upstream)
     tic = time.time()
     tag = f"[stage {index + 1}/{len(plan)} {stage.name}]"
     iters = _iters(cfg, stage)
@@ -504,14 +504,13 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
         return _pseudo_labels(run, stage, slc, work_dir)
 
     print(f"{tag} key {key}", flush=True)
-    stage_dir, hit = cached_stage(cache_dir, stage.name, key,
-                                  {"identity": stage_identity(stage), "config": slc.plain(), "upstream": upstream},
-                                  compute, scratch=(RESUME_STATE,) if stage.kind == "train" else ())
+    stage_dir, hit = cached_stage(cache_dir, stage.name, key, record, compute,
+                                  scratch=(RESUME_STATE,) if stage.kind == "train" else ())
     if hit and stage.reported:
         _replay(run, stage_dir, offset, out_dir, stage_report)
-    if stage.kind == "train" and stage.reported and upstream is None:
-        _file_as_unreported(run, stage, upstream, stage_dir, cache_dir)
     recorded = stage_record(stage_dir)
+    if stage.kind == "train" and stage.reported and upstream is None:
+        _file_as_unreported(run, stage, stage_dir, recorded, cache_dir)
     seconds = round(time.time() - tic, 2)
     print(f"{tag} {'cache hit' if hit else 'computed'} in {seconds:.1f} s (computing it took "
           f"{recorded['seconds']:.1f} s): {stage_dir}", flush=True)
@@ -523,7 +522,16 @@ def _run_stage(run: PlanRun, plan: list[Stage], index: int, *, upstream: str | N
             **{k: v for k, v in recorded["facts"].items() if k != "iterations"}}
 
 
-def _file_as_unreported(run: PlanRun, stage: Stage, upstream: str | None, stage_dir: Path, cache_dir: Path) -> None:
+def _address(run: PlanRun, stage: Stage, upstream: str | None) -> tuple[ConfigSlice, str, dict[str, Any]]:
+    """Where ``stage`` lives in the cache: its config slice, its chained key, and what ``stage.yaml`` records
+    the key was made of."""
+    slc = stage_slice(run.cfg, stage, run.inputs)
+    return slc, stage_key(stage, slc, upstream), {"identity": stage_identity(stage), "config": slc.plain(),
+                                                  "upstream": upstream}
+
+
+def _file_as_unreported(run: PlanRun, stage: Stage, stage_dir: Path, recorded: dict[str, Any],
+                        cache_dir: Path) -> None:
     """File a finished reported first stage's weights under the key the same stage has unreported, so a plan that
     warm-starts from it finds it (``source_only`` reported, then ``adaptsegnet``'s source-only stage: the same
     training, keyed apart by the evaluation keys). The evaluations read G and never change it, so the weights are
@@ -531,17 +539,15 @@ def _file_as_unreported(run: PlanRun, stage: Stage, upstream: str | None, stage_
     first stage: it is every method's warm start, while a later reported stage (a trial's last) has no plan that
     runs it unreported, and filing each trial's would only clutter the cache."""
     quiet = replace(stage, reported=False)
-    slc = stage_slice(run.cfg, quiet, run.inputs)
-    key = stage_key(quiet, slc, upstream)
+    _, key, record = _address(run, quiet, None)
 
     def link(work_dir: Path) -> dict[str, Any]:
         for name in ("model.pt", "log.jsonl"):
             if (stage_dir / name).exists():
                 _link(stage_dir / name, work_dir / name)
-        return {"iterations": stage_record(stage_dir)["facts"]["iterations"], "trained_as": stage_dir.name}
+        return {"iterations": recorded["facts"]["iterations"], "trained_as": stage_dir.name}
 
-    cached_stage(cache_dir, stage.name, key, {"identity": stage_identity(quiet), "config": slc.plain(),
-                                              "upstream": upstream}, link)
+    cached_stage(cache_dir, stage.name, key, record, link)
 
 
 def _replay(run: PlanRun, stage_dir: Path, offset: int, out_dir: Path, stage_report) -> None:
