@@ -81,6 +81,20 @@ def test_centroid_entropy_rule_keeps_the_pixels_below_their_class_threshold(delt
     assert labeller.subsets() == {"all": ["x.png", "y.png"]}
 
 
+def test_a_delta_at_or_above_a_class_centroid_entropy_silences_the_class_and_says_so(capsys):
+    # E(f^1) = 0.792 (car) and E(f^0) = 0.8975 (road): Δ 0.8 puts car's threshold at −0.008, so no entropy is
+    # below it; road's threshold, 0.0975, is positive but under every road pixel's entropy (kept none, not silenced)
+    labeller, stats, labels = run_labeller(0.8)
+    assert stats["silenced"] == ["car"]
+    assert stats["per_class"]["car"]["threshold"] < 0 < stats["per_class"]["road"]["threshold"]
+    assert stats["per_class"]["car"]["kept_share"] == 0 and stats["per_class"]["road"]["kept_share"] == 0
+    assert labels == {"x.png": [255, 255, 255], "y.png": [255, 255, 255]}
+    warning = capsys.readouterr().out
+    assert "WARNING" in warning and "car (0.792)" in warning and "road" not in warning
+    _, stats, _ = run_labeller(0.0)
+    assert stats["silenced"] == [] and "WARNING" not in capsys.readouterr().out
+
+
 def test_centroids_and_entropy_helpers():
     sums = torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
     centroids = class_centroids(sums, torch.tensor([2, 0]))

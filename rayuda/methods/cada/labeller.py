@@ -27,6 +27,13 @@ def category_adaptive_mask(prob: torch.Tensor, thresholds: torch.Tensor) -> tupl
     return pred, entropy < thresholds.to(entropy)[pred]
 
 
+def silenced_classes(per_class: dict[str, dict[str, Any]]) -> list[str]:
+    """The predicted classes whose threshold ``E(f^l) − Δ`` is ≤ 0: an entropy is never negative, so eq. 3 keeps
+    none of their pixels (on ``minicity:suburb-dusk`` Δ 0.5 silenced sky, centroid entropy 0.49; BENCHMARKS
+    §36g)."""
+    return [cls for cls, entry in per_class.items() if entry["threshold"] is not None and entry["threshold"] <= 0]
+
+
 class CategoryAdaptiveThresholds(PseudoLabeller):
     """CADA's pseudo-labels (§2.2): every class ``l`` gets its own threshold ``E(f^l) − Δ`` (``params.delta``,
     nats), with ``f^l`` the mean prediction vector of the pixels predicted ``l`` over all of target-train
@@ -34,8 +41,9 @@ class CategoryAdaptiveThresholds(PseudoLabeller):
 
     Statistics (``decide``): per class the pixel count, ``centroid_entropy``, ``threshold`` and
     ``kept_share`` (kept / predicted pixels of the class); classes no pixel was predicted as have ``None``
-    there and are listed under ``"not_predicted"``. ``kept_share`` is counted while labelling (the second
-    sweep), into the statistics dict ``decide`` returned, which the engine writes after that sweep.
+    there and are listed under ``"not_predicted"``; predicted classes whose threshold is ≤ 0 (Δ at or above their
+    centroid entropy) are listed under ``"silenced"``, with a warning. ``kept_share`` is counted while labelling
+    (the second sweep), into the statistics dict ``decide`` returned, which the engine writes after that sweep.
     Subset ``"all"``: every image (CADA trains on all target images, unkept pixels ignored).
     """
 
@@ -73,7 +81,12 @@ class CategoryAdaptiveThresholds(PseudoLabeller):
         self.stats = {"delta": self.delta, "entropy_unit": "nats", "max_entropy": math.log(self.num_classes),
                       "per_class": per_class,
                       "not_predicted": [cls for c, cls in enumerate(self.class_names) if self.counts[c] == 0],
-                      "kept_pixel_share": 0.0}
+                      "silenced": silenced_classes(per_class), "kept_pixel_share": 0.0}
+        if self.stats["silenced"]:
+            named = ", ".join(f"{cls} ({per_class[cls]['centroid_entropy']:.3f})" for cls in self.stats["silenced"])
+            print(f"WARNING: CADA's Δ = {self.delta} nats reaches the centroid entropy of {named}: their thresholds "
+                  f"are ≤ 0, so none of their pixels can be kept and they get no pseudo-labels this round (eq. 3)",
+                  flush=True)
         return self.stats
 
     def label(self, name, prob):
